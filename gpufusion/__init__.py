@@ -1,0 +1,1 @@
+"""gpufusion: GPU-accelerated mosaic image fusion."""
