@@ -1,0 +1,167 @@
+"""Fusion graph: one dask task per output chunk.
+
+:func:`fuse` validates its options, plans the whole mosaic once (:mod:`gpufusion.plan`), and
+returns a lazy dask array built with :func:`dask.array.map_blocks`. The per-chunk tables
+travel as a dask array of objects with one element per output block, so each task receives
+only its own table (and the few tile sources it names), never the whole plan. Each task
+reads its tile windows from their sources and calls the backend's ``fuse_chunk``.
+
+Peak memory is bounded by (threads x chunk x tiles touching a chunk), never the mosaic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.highlevelgraph import HighLevelGraph
+
+from . import backends
+from .backends.numpy_ref import FusionParams
+from .blend import check_interpolation, default_blend_width, resolve_blend
+from .errors import InputError
+from .layout import Mosaic
+from .plan import ChunkTable, FusionPlan, plan_fusion
+from .sources import TileSource
+from .spatial import overlapping_pairs
+
+DEFAULT_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """What one fusion task receives: its table and the sources of the tiles it names."""
+
+    table: ChunkTable
+    sources: tuple[TileSource, ...]
+
+    def read_windows(self) -> list[np.ndarray]:
+        return [src.read(w) for src, w in zip(self.sources, self.table.windows(), strict=True)]
+
+
+def output_dtype(mosaic: Mosaic, dtype: str | np.dtype | None) -> np.dtype:
+    """Resolve ``dtype``: ``None``/``"same"`` keeps the tiles' dtype."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "same"):
+        return mosaic.dtype
+    try:
+        out = np.dtype(dtype)
+    except TypeError as exc:
+        raise InputError(f"dtype: unknown {dtype!r}; use 'same' or a NumPy dtype name") from exc
+    if out.kind not in "iuf":
+        raise InputError(f"dtype: {out} is not an integer or floating-point type")
+    return out
+
+
+def fusion_params(
+    mosaic: Mosaic,
+    *,
+    blend: str = "linear",
+    blend_width: float | Sequence[float] | None = None,
+    interpolation: str = "linear",
+    dtype: str | np.dtype | None = None,
+) -> FusionParams:
+    """Validate fusion options against ``mosaic`` and resolve defaults."""
+    check_interpolation(interpolation)
+    lo, hi = mosaic.tile_bounds()
+    default = None
+    if blend_width is None:
+        default = default_blend_width(lo, hi, overlapping_pairs(lo, hi))
+    spec = resolve_blend(blend, blend_width, mosaic.ndim, default or ())
+    return FusionParams(spec.mode, interpolation, spec.width, output_dtype(mosaic, dtype))
+
+
+def fuse(
+    mosaic: Mosaic,
+    *,
+    chunks: int | Sequence[int] | Sequence[Sequence[int]] = DEFAULT_CHUNK,
+    blend: str = "linear",
+    blend_width: float | Sequence[float] | None = None,
+    interpolation: str = "linear",
+    dtype: str | np.dtype | None = None,
+    backend: str = "numpy",
+    algorithm: str = "auto",
+) -> da.Array:
+    """Fuse a mosaic into one lazy dask array.
+
+    Parameters
+    ----------
+    mosaic : Mosaic
+        Tiles and their transforms (see :func:`gpufusion.mosaic_from_positions`).
+    chunks : int or sequence
+        Output chunk size (one int for all axes, one per axis, or explicit sizes per axis).
+    blend : {"linear", "cosine", "average", "max", "overlay"}
+        How overlaps are combined (see :mod:`gpufusion.blend`).
+    blend_width : float or sequence of float, optional
+        Ramp width in pixels; default half the median overlap between neighbours.
+    interpolation : {"linear", "nearest"}
+    dtype : "same", a NumPy dtype, or None
+        Output dtype; default the tiles' dtype (rounded half-to-even and clipped).
+    backend : {"numpy", "cupy", "auto"}
+        ``numpy`` is the reference; ``cupy`` runs the CUDA kernels (needs a GPU).
+    algorithm : {"auto", "general", "separable"}
+        NumPy backend only: force the per-pixel or the slice-based translation path.
+
+    Returns
+    -------
+    dask.array.Array
+        Lazy fused image of shape ``mosaic.shape``; nothing is read until it is computed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpufusion import mosaic_from_positions
+    >>> a = np.full((8, 8), 10, np.uint16)
+    >>> m = mosaic_from_positions([a, a], [(0, 0), (0, 6)])
+    >>> fuse(m, chunks=4).compute()[0].tolist()
+    [10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
+    """
+    params = fusion_params(mosaic, blend=blend, blend_width=blend_width,
+                           interpolation=interpolation, dtype=dtype)
+    impl = backends.get_backend(backend)
+    plan = plan_fusion(mosaic, chunks)
+    tasks = chunk_task_array(plan, mosaic)
+    meta = impl.empty_meta(mosaic.ndim, params.out_dtype)
+    return da.map_blocks(
+        _fuse_block, tasks, chunks=plan.chunks, dtype=params.out_dtype, meta=meta,
+        name=f"gpufusion-fuse-{tasks.name.rsplit('-', 1)[-1]}",
+        params=params, backend=impl.name, algorithm=algorithm,
+    )
+
+
+def chunk_task_array(plan: FusionPlan, mosaic: Mosaic) -> da.Array:
+    """A dask array of :class:`ChunkTask` objects, one element per output block."""
+    token = _plan_token(plan, mosaic)
+    name = f"gpufusion-plan-{token}"
+    dsk: dict[Any, Any] = {}
+    sources = [t.source for t in mosaic.tiles]
+    for idx in np.ndindex(*plan.numblocks):
+        table = plan.chunk(idx)
+        cell = np.empty((1,) * plan.ndim, dtype=object)
+        cell[(0,) * plan.ndim] = ChunkTask(table, tuple(sources[int(i)] for i in table.tiles))
+        dsk[(name, *idx)] = cell
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    chunks = tuple((1,) * n for n in plan.numblocks)
+    return da.Array(graph, name, chunks, meta=np.empty((0,) * plan.ndim, dtype=object))
+
+
+def _plan_token(plan: FusionPlan, mosaic: Mosaic) -> str:
+    from dask.base import tokenize
+
+    return tokenize(plan.ptr, plan.tiles, plan.win_lo, plan.win_shape, plan.offset,
+                    plan.matrix, plan.chunks, [t.name for t in mosaic.tiles],
+                    [id(t.source) for t in mosaic.tiles])
+
+
+def _fuse_block(cell: np.ndarray, *, params: FusionParams, backend: str, algorithm: str,
+                block_info: dict | None = None) -> Any:
+    task: ChunkTask = cell.reshape(-1)[0]
+    if block_info is not None:
+        expected = tuple(block_info[None]["chunk-shape"])
+        if expected != task.table.shape:
+            raise RuntimeError(f"plan/graph mismatch: block shape {expected} vs "
+                               f"{task.table.shape} at {block_info[None]['chunk-location']}")
+    impl = backends.get_backend(backend)
+    return impl.fuse_task(task, params, algorithm=algorithm)
