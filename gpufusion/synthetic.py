@@ -132,6 +132,7 @@ def make_mosaic(
     stage_error: float = 0.0,
     gain_spread: float = 0.0,
     blank: Sequence[int] = (),
+    integer_positions: bool = False,
     seed: int = 0,
 ) -> SyntheticMosaic:
     """Make a synthetic tiled acquisition with exact ground truth.
@@ -156,6 +157,8 @@ def make_mosaic(
         (shading differences between tiles, for blending tests).
     blank : sequence of int
         Indices of tiles replaced by a constant (empty field of view).
+    integer_positions : bool
+        Round the true positions to whole pixels.
     seed : int
 
     Examples
@@ -181,6 +184,8 @@ def make_mosaic(
     pos = idx * step + subpixel  # keep every true position >= 0
     pos += rng.uniform(-subpixel, subpixel, size=pos.shape)
     pos[0] = 0.0
+    if integer_positions:
+        pos = np.round(pos)
     stage = pos + rng.uniform(-stage_error, stage_error, size=pos.shape)
     gains = 1.0 + rng.uniform(-gain_spread, gain_spread, size=len(pos))
     tiles = []

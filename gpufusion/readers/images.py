@@ -1,0 +1,686 @@
+"""File-backed tile sources: TIFF (incl. OME-TIFF), PNG, JPEG and other Pillow formats.
+
+:func:`open_tile` checks a tile file eagerly (exists, is an image, is complete, is a
+supported single-channel 2D ``YX`` or 3D ``ZYX`` image, not empty) from its header only,
+and returns a source whose :meth:`read` loads pixels lazily:
+
+* :class:`MemmapTiffSource` for uncompressed TIFFs whose pixels lie contiguously in the
+  file: reads memory-map the file, so a window touches only its own bytes.
+* :class:`DecodedTileSource` for everything else (compressed or tiled TIFFs, PNG, JPEG):
+  the first read decodes the whole tile into a process-wide LRU cache bounded in bytes
+  (1 GiB by default, see :func:`set_tile_cache_bytes`); later windows are views of it.
+  Threads asking for the same tile wait for one decode.
+
+Arrays returned by ``read`` are **read-only** views (of the memory map or of the cached
+tile); copy them before modifying. Sources hold only the path and header facts, so
+pickling one is cheap and an unpickled source reads in any process.
+
+Singleton axes (``T=1``, ``C=1``, ``Z=1`` of OME-TIFF series) are squeezed. Multichannel
+images (RGB/RGBA, TIFF samples or channels) and time series are rejected for now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+from gpufusion.errors import InputError
+from gpufusion.sources import Window
+
+__all__ = [
+    "DecodedTileSource",
+    "MemmapTiffSource",
+    "TileCacheInfo",
+    "clear_tile_cache",
+    "open_tile",
+    "set_tile_cache_bytes",
+    "tile_cache_info",
+]
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"  # chunk type + CRC of the closing chunk
+_PNG_TAIL_BYTES = 4096
+_DEFAULT_CACHE_BYTES = 1 << 30
+_MAX_MAPPED_FILES = 128  # each memory map holds a file descriptor
+_Z_AXES = "ZQI"  # depth, "other" and generic image sequences count as Z
+_OME_INDEX_MESSAGE = "OME series contains invalid TiffData index"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(path: Path | str, message: str) -> InputError:
+    return InputError(_one_line(f"{path}: {message}"))
+
+
+# --- tifffile log filter ----------------------------------------------------------------
+# Leica Matrix Screener OME-TIFFs carry TiffData indices that tifffile rejects with a
+# logged warning before falling back to reading the page itself, which is right for them.
+# The filter drops only that message, only while this module is talking to tifffile on
+# the current thread.
+
+_quiet_state = threading.local()
+
+
+class _DropOmeIndexWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(_quiet_state, "depth", 0) <= 0:
+            return True
+        return _OME_INDEX_MESSAGE not in record.getMessage()
+
+
+logging.getLogger("tifffile").addFilter(_DropOmeIndexWarning())
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    _quiet_state.depth = getattr(_quiet_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _quiet_state.depth -= 1
+
+
+# --- caches -------------------------------------------------------------------------------
+
+
+class TileCacheInfo(NamedTuple):
+    """State of the decoded-tile cache (see :func:`tile_cache_info`)."""
+
+    max_bytes: int
+    nbytes: int
+    entries: int
+    hits: int
+    misses: int
+
+
+class _Pending:
+    """Per-key lock and hand-over slot for a tile being decoded."""
+
+    __slots__ = ("lock", "result", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.result: np.ndarray | None = None
+
+
+class _TileCache:
+    """Thread-safe LRU of read-only decoded tiles, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._pending: dict[tuple[Any, ...], _Pending] = {}
+        self._nbytes = 0
+        self._max_bytes = max_bytes
+        self._hits = 0
+        self._misses = 0
+
+    def _lookup(self, key: tuple[Any, ...]) -> np.ndarray | None:
+        array = self._entries.get(key)
+        if array is not None:
+            self._entries.move_to_end(key)
+            self._hits += 1
+        return array
+
+    def _evict_to(self, limit: int) -> None:
+        while self._entries and self._nbytes > limit:
+            _, old = self._entries.popitem(last=False)
+            self._nbytes -= old.nbytes
+
+    def get(self, key: tuple[Any, ...], load: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            array = self._lookup(key)
+            if array is not None:
+                return array
+            pending = self._pending.setdefault(key, _Pending())
+            pending.users += 1
+        try:
+            with pending.lock:
+                with self._lock:
+                    array = self._lookup(key)
+                if array is not None:
+                    return array
+                if pending.result is not None:  # decoded by another thread, too big to keep
+                    return pending.result
+                array = load()
+                array.setflags(write=False)
+                with self._lock:
+                    self._misses += 1
+                    if array.nbytes <= self._max_bytes:
+                        self._evict_to(self._max_bytes - array.nbytes)
+                        self._entries[key] = array
+                        self._nbytes += array.nbytes
+                    else:
+                        pending.result = array
+                return array
+        finally:
+            with self._lock:
+                pending.users -= 1
+                if pending.users == 0:
+                    del self._pending[key]
+
+    def set_max_bytes(self, max_bytes: int) -> None:
+        with self._lock:
+            self._max_bytes = max_bytes
+            self._evict_to(max_bytes)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._nbytes = 0
+            self._hits = 0
+            self._misses = 0
+
+    def info(self) -> TileCacheInfo:
+        with self._lock:
+            return TileCacheInfo(
+                self._max_bytes, self._nbytes, len(self._entries), self._hits, self._misses
+            )
+
+
+class _MappedFiles:
+    """Thread-safe LRU of read-only memory maps, bounded in count (file descriptors)."""
+
+    def __init__(self, max_files: int) -> None:
+        self._lock = threading.Lock()
+        self._maps: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._max_files = max_files
+
+    def get(self, key: tuple[Any, ...], open_map: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            array = self._maps.get(key)
+            if array is not None:
+                self._maps.move_to_end(key)
+                return array
+            array = open_map()
+            self._maps[key] = array
+            while len(self._maps) > self._max_files:
+                self._maps.popitem(last=False)  # views already handed out stay valid
+            return array
+
+    def clear(self) -> None:
+        with self._lock:
+            self._maps.clear()
+
+
+_TILE_CACHE = _TileCache(_DEFAULT_CACHE_BYTES)
+_MAPPED_FILES = _MappedFiles(_MAX_MAPPED_FILES)
+
+
+def set_tile_cache_bytes(n: int) -> None:
+    """Bound the process-wide cache of decoded tiles to ``n`` bytes.
+
+    Tiles that are not memory-mappable (compressed TIFF, PNG, JPEG) are decoded whole
+    once and kept in this cache; the least recently used are dropped beyond the bound.
+    A tile larger than the bound is decoded again for every read. ``0`` disables caching.
+
+    Parameters
+    ----------
+    n : int
+        The bound in bytes, ``>= 0``. The default is 1 GiB.
+
+    Raises
+    ------
+    InputError
+        If ``n`` is not a non-negative integer.
+
+    Examples
+    --------
+    >>> set_tile_cache_bytes(256 * 2**20)
+    >>> tile_cache_info().max_bytes
+    268435456
+    >>> set_tile_cache_bytes(2**30)
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise InputError(f"tile cache size must be a non-negative integer of bytes, got {n!r}")
+    _TILE_CACHE.set_max_bytes(int(n))
+
+
+def tile_cache_info() -> TileCacheInfo:
+    """Return the decoded-tile cache's bound, size, entry count, hits and misses.
+
+    Returns
+    -------
+    TileCacheInfo
+        ``(max_bytes, nbytes, entries, hits, misses)``; ``misses`` counts decodes.
+
+    Examples
+    --------
+    >>> info = tile_cache_info()
+    >>> info.nbytes <= info.max_bytes
+    True
+    """
+    return _TILE_CACHE.info()
+
+
+def clear_tile_cache() -> None:
+    """Drop every cached decoded tile and memory map, and reset the hit/miss counters.
+
+    Arrays already returned by ``read`` stay valid.
+
+    Examples
+    --------
+    >>> clear_tile_cache()
+    >>> tile_cache_info().entries
+    0
+    """
+    _TILE_CACHE.clear()
+    _MAPPED_FILES.clear()
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+class _FileSource:
+    """Common part of file-backed sources: path, header facts and a file stamp."""
+
+    def __init__(
+        self,
+        path: Path,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        name: str,
+        stamp: tuple[int, int],
+    ) -> None:
+        self.path = path
+        self.shape = shape
+        self.dtype = dtype
+        self.name = name
+        self._stamp = stamp  # (size, mtime_ns) when opened: the cache key and change check
+
+    @property
+    def _key(self) -> tuple[Any, ...]:
+        return (str(self.path), *self._stamp)
+
+    def _check_unchanged(self) -> None:
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            raise _fail(self.path, f"cannot read tile file ({exc.strerror or exc})") from None
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise _fail(self.path, "tile file changed since it was opened; open it again")
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        return (type(self).__name__, *self._key, self.shape, self.dtype.str, self.name)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"path={str(self.path)!r})"
+        )
+
+
+class MemmapTiffSource(_FileSource):
+    """An uncompressed, contiguous TIFF tile read through a read-only memory map.
+
+    Created by :func:`open_tile`. ``read(window)`` returns a read-only view of the
+    mapped file (a converted copy for non-native byte order), so only the window's
+    bytes are read from disk. Pickles as the path plus header facts.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> path = Path(tempfile.mkdtemp()) / "t.tif"
+    >>> tifffile.imwrite(path, np.arange(12, dtype=np.uint16).reshape(3, 4))
+    >>> src = open_tile(path)
+    >>> type(src).__name__, src.read((slice(1, 3), slice(0, 2))).tolist()
+    ('MemmapTiffSource', [[4, 5], [8, 9]])
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        name: str,
+        stamp: tuple[int, int],
+        offset: int,
+        file_dtype: np.dtype,
+    ) -> None:
+        super().__init__(path, shape, dtype, name, stamp)
+        self.offset = offset
+        self.file_dtype = file_dtype
+
+    def _open_map(self) -> np.ndarray:
+        self._check_unchanged()
+        try:
+            mapped = np.memmap(
+                self.path, dtype=self.file_dtype, mode="r", offset=self.offset, shape=self.shape
+            )
+        except (OSError, ValueError) as exc:
+            raise _fail(self.path, f"cannot memory-map tile ({_one_line(exc)})") from None
+        return mapped.view(np.ndarray)
+
+    def read(self, window: Window) -> np.ndarray:
+        """Return the pixels in ``window`` as a read-only array (see class docs)."""
+        view = _MAPPED_FILES.get(self._key, self._open_map)[tuple(window)]
+        if not self.file_dtype.isnative:
+            out = view.astype(self.dtype)
+            out.setflags(write=False)
+            return out
+        return view
+
+
+class DecodedTileSource(_FileSource):
+    """A tile decoded whole on first read and kept in the process-wide tile cache.
+
+    Used for compressed or tiled TIFFs and for PNG/JPEG. Created by :func:`open_tile`.
+    ``read(window)`` returns a read-only view of the cached tile. Pickles as the path
+    plus header facts.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> path = Path(tempfile.mkdtemp()) / "t.tif"
+    >>> tifffile.imwrite(path, np.arange(12, dtype=np.uint16).reshape(3, 4),
+    ...                  compression="zlib")
+    >>> src = open_tile(path)
+    >>> type(src).__name__, src.read((slice(0, 1), slice(1, 3))).tolist()
+    ('DecodedTileSource', [[1, 2]])
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        name: str,
+        stamp: tuple[int, int],
+        decoder: Literal["tiff", "tiff-local", "pillow"],
+    ) -> None:
+        super().__init__(path, shape, dtype, name, stamp)
+        self.decoder = decoder
+
+    def _decode(self) -> np.ndarray:
+        self._check_unchanged()
+        try:
+            if self.decoder in ("tiff", "tiff-local"):
+                import tifffile
+
+                flags = {"is_ome": False} if self.decoder == "tiff-local" else {}
+                with _quiet_tifffile(), tifffile.TiffFile(self.path, **flags) as tif:
+                    array = tif.series[0].asarray()
+            else:
+                import imageio.v3 as iio
+
+                array = iio.imread(self.path, plugin="pillow")
+        except Exception as exc:  # any decoder failure is a bad file
+            raise _fail(
+                self.path, f"cannot decode image ({type(exc).__name__}: {_one_line(exc)})"
+            ) from None
+        if array.size != int(np.prod(self.shape)):
+            raise _fail(self.path, f"decoded shape {array.shape} does not match {self.shape}")
+        return np.ascontiguousarray(array.reshape(self.shape), dtype=self.dtype)
+
+    def read(self, window: Window) -> np.ndarray:
+        """Return the pixels in ``window`` as a read-only view of the cached tile."""
+        return _TILE_CACHE.get(self._key, self._decode)[tuple(window)]
+
+
+# --- opening ------------------------------------------------------------------------------
+
+
+def _check_dtype(path: Path, dtype: np.dtype | None) -> np.dtype:
+    if dtype is None:
+        raise _fail(path, "pixel type not supported")
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        raise _fail(path, f"pixel type {dtype} not supported; expected integer or float pixels")
+    return dtype.newbyteorder("=") if not dtype.isnative else dtype
+
+
+def _check_size(path: Path, shape: tuple[int, ...]) -> None:
+    if 0 in shape:
+        raise _fail(path, f"image is empty (shape {shape})")
+
+
+def _squeeze_tiff_axes(path: Path, shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
+    """Drop singleton axes; accept YX or one Z-like axis before YX."""
+    kept: list[tuple[str, int]] = []
+    for axis, size in zip(axes, shape, strict=True):
+        if axis in "YX":
+            kept.append((axis, size))
+        elif size == 1:
+            continue
+        elif axis in "CS":
+            kind = "samples (RGB or similar)" if axis == "S" else "channels"
+            raise _fail(
+                path,
+                f"{size} {kind} in TIFF series axes {axes!r} shape {shape}: multichannel "
+                "images are not supported yet; tiles must be single-channel 2D (YX) or "
+                "3D (ZYX) images (save one file per channel)",
+            )
+        elif axis == "T":
+            raise _fail(
+                path,
+                f"{size} time points in TIFF series axes {axes!r}: time series are not "
+                "supported; tiles must be 2D (YX) or 3D (ZYX) images",
+            )
+        elif axis in _Z_AXES:
+            kept.append((axis, size))
+        else:
+            raise _fail(
+                path,
+                f"axis {axis!r} of size {size} in TIFF series axes {axes!r} is not supported; "
+                "tiles must be 2D (YX) or 3D (ZYX) images",
+            )
+    kept_axes = "".join(axis for axis, _ in kept)
+    if kept_axes[-2:] != "YX" or len(kept_axes) > 3:
+        raise _fail(
+            path,
+            f"TIFF series axes {axes!r} shape {shape} not supported; tiles must be 2D (YX) "
+            "or 3D (ZYX) images",
+        )
+    return tuple(size for _, size in kept)
+
+
+# Series kinds whose pages may come from other files named in the metadata.
+_MULTIFILE_KINDS = ("ome", "mmstack", "ndtiff")
+
+
+def _pages_elsewhere(tif: Any, series: Any) -> bool:
+    """True if series 0 takes pages from files other than ``tif`` (multi-file datasets)."""
+    own = tif.filehandle.path
+    pages = series if series.kind in _MULTIFILE_KINDS else [series[0]]
+    return any(page is not None and page.parent.filehandle.path != own for page in pages)
+
+
+def _inspect_tiff(
+    path: Path, file_size: int, ignore_ome: bool
+) -> tuple[tuple[int, ...], np.dtype, int | None, np.dtype] | None:
+    """Check series 0 of a TIFF; return ``(shape, dtype, memmap offset, file dtype)``.
+
+    Returns None when the series takes pages from other files, which happens for
+    multi-file OME datasets (and for Leica exports whose OME-XML names the other
+    channel's file): one file is one tile here, so the caller retries reading only
+    this file's own pages (``ignore_ome=True``).
+    """
+    import tifffile
+    from tifffile import TIFF
+
+    flags = {"is_ome": False} if ignore_ome else {}
+    try:
+        tif = tifffile.TiffFile(path, **flags)
+    except Exception as exc:  # tifffile raises several types for corrupt headers
+        raise _fail(path, f"not a readable TIFF ({_one_line(exc)})") from None
+    with tif:
+        try:
+            if not tif.series:
+                raise _fail(path, "TIFF file has no images")
+            series = tif.series[0]
+            if not ignore_ome and _pages_elsewhere(tif, series):
+                return None
+            shape = _squeeze_tiff_axes(path, tuple(series.get_shape(False)), series.get_axes(False))
+            dtype = _check_dtype(path, series.dtype)
+            _check_size(path, shape)
+            keyframe = series.keyframe
+            if keyframe.compression != 1 and keyframe.compression not in TIFF.DECOMPRESSORS:
+                raise _fail(
+                    path,
+                    f"TIFF compression {keyframe.compression!r} cannot be decoded here "
+                    "(it needs the 'imagecodecs' package)",
+                )
+            if keyframe.predictor != 1 and keyframe.predictor not in TIFF.UNPREDICTORS:
+                raise _fail(path, f"TIFF predictor {keyframe.predictor!r} not supported")
+            offset = series.dataoffset
+            if offset is not None:
+                end = offset + int(np.prod(shape)) * dtype.itemsize
+                if end > file_size:
+                    raise _fail(
+                        path,
+                        f"TIFF is truncated: pixel data end at byte {end}, "
+                        f"file has {file_size} bytes",
+                    )
+            else:
+                _check_segments(path, series)
+            return shape, dtype, offset, np.dtype(tif.byteorder + dtype.char)
+        except InputError:
+            raise
+        except Exception as exc:  # corrupt IFDs surface while walking the series
+            raise _fail(
+                path, f"corrupt or truncated TIFF ({type(exc).__name__}: {_one_line(exc)})"
+            ) from None
+
+
+def _open_tiff(
+    path: Path, name: str, stamp: tuple[int, int]
+) -> MemmapTiffSource | DecodedTileSource:
+    with _quiet_tifffile():
+        facts = _inspect_tiff(path, stamp[0], ignore_ome=False)
+        local = facts is None
+        if facts is None:
+            facts = _inspect_tiff(path, stamp[0], ignore_ome=True)
+    assert facts is not None  # ignore_ome=True never defers
+    shape, dtype, offset, file_dtype = facts
+    if offset is not None:
+        return MemmapTiffSource(path, shape, dtype, name, stamp, int(offset), file_dtype)
+    return DecodedTileSource(path, shape, dtype, name, stamp, "tiff-local" if local else "tiff")
+
+
+def _check_segments(path: Path, series: Any) -> None:
+    """Check every strip/tile of the series lies inside the file it is stored in."""
+    for index, page in enumerate(series):
+        if page is None:
+            continue
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        if offsets.size == 0:
+            continue
+        ends = offsets + counts
+        last = int(np.argmax(ends))
+        limit = page.parent.filehandle.size
+        if ends[last] > limit:
+            raise _fail(
+                path,
+                f"TIFF is truncated: page {index} segment {last} ends at byte {int(ends[last])}, "
+                f"file has {limit} bytes",
+            )
+
+
+def _open_pillow(path: Path, name: str, stamp: tuple[int, int], head: bytes) -> DecodedTileSource:
+    import imageio.v3 as iio
+
+    try:
+        props = iio.improps(path, plugin="pillow")
+    except Exception as exc:  # Pillow raises several types for unknown or corrupt files
+        raise _fail(
+            path,
+            f"not a readable image; expected TIFF, PNG, JPEG or another format Pillow "
+            f"reads ({_one_line(exc)})",
+        ) from None
+    shape = tuple(int(n) for n in props.shape)
+    if props.is_batch or (props.n_images or 1) > 1:
+        raise _fail(
+            path, f"multi-frame image (shape {shape}); 3D stacks are supported only as TIFF"
+        )
+    if len(shape) == 3 and shape[-1] in (2, 3, 4):
+        kinds = {2: "gray+alpha", 3: "RGB", 4: "RGBA"}
+        raise _fail(
+            path,
+            f"{kinds[shape[-1]]} image (shape {shape}): multichannel images are not "
+            "supported yet; tiles must be single-channel (grayscale) images",
+        )
+    if len(shape) != 2:
+        raise _fail(path, f"image shape {shape} not supported; expected a 2D grayscale image")
+    _check_size(path, shape)
+    dtype = _check_dtype(path, props.dtype)
+    if head.startswith(_PNG_MAGIC):
+        # A complete PNG ends with an IEND chunk; allow some trailing bytes after it.
+        with open(path, "rb") as fh:
+            fh.seek(max(0, stamp[0] - _PNG_TAIL_BYTES))
+            if _PNG_IEND not in fh.read():
+                raise _fail(path, "PNG is truncated (no IEND chunk at the end of the file)")
+    return DecodedTileSource(path, shape, dtype, name, stamp, "pillow")
+
+
+def open_tile(
+    path: str | os.PathLike[str], *, name: str | None = None
+) -> MemmapTiffSource | DecodedTileSource:
+    """Open an image file as a lazy, picklable tile source.
+
+    The header is checked now; pixels are read by ``source.read(window)``.
+    TIFF files (recognised by content, any extension) are read with tifffile,
+    series 0 with singleton axes squeezed; uncompressed contiguous ones are
+    memory-mapped (:class:`MemmapTiffSource`), others decoded once into the tile
+    cache (:class:`DecodedTileSource`). Other files go through imageio's Pillow plugin.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The image file.
+    name : str, optional
+        The source's name (used in messages); defaults to the file name.
+
+    Returns
+    -------
+    MemmapTiffSource or DecodedTileSource
+        A :class:`~gpufusion.sources.TileSource` with ``shape`` (``(y, x)`` or
+        ``(z, y, x)``), ``dtype``, ``name`` and ``read``. ``read`` returns read-only
+        arrays.
+
+    Raises
+    ------
+    InputError
+        If the file is missing or unreadable, not an image, a truncated TIFF or PNG,
+        multichannel (RGB/RGBA, TIFF samples or channels), a time series, empty, or
+        of an unsupported pixel type or compression. The message names the file.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> path = Path(tempfile.mkdtemp()) / "stack.tif"
+    >>> tifffile.imwrite(path, np.zeros((5, 8, 6), np.uint16))
+    >>> src = open_tile(path, name="tile 0")
+    >>> src.shape, src.dtype.name, src.read((slice(0, 2), slice(None), slice(4, 6))).shape
+    ((5, 8, 6), 'uint16', (2, 8, 2))
+    """
+    file_path = Path(path)
+    try:
+        st = file_path.stat()
+        if not file_path.is_file():
+            raise _fail(file_path, "not a file")
+        with open(file_path, "rb") as fh:
+            head = fh.read(16)
+    except FileNotFoundError:
+        raise _fail(file_path, "image file not found") from None
+    except OSError as exc:
+        raise _fail(file_path, f"cannot read image file ({exc.strerror or exc})") from None
+    if not head:
+        raise _fail(file_path, "image file is empty (0 bytes)")
+    stamp = (int(st.st_size), int(st.st_mtime_ns))
+    tile_name = file_path.name if name is None else name
+    if head[:4] in _TIFF_MAGIC:
+        return _open_tiff(file_path, tile_name, stamp)
+    return _open_pillow(file_path, tile_name, stamp, head)
