@@ -44,7 +44,7 @@ def test_integer_positions_reproduce_ground_truth_exactly() -> None:
     assert np.abs(fused.astype(np.int64) - truth)[covered].max() <= 1
     # outside overlaps the fused pixels are the tile pixels themselves: exact copies
     count = np.zeros(m.shape, dtype=int)
-    for tile, p in zip(syn.tiles, syn.positions.astype(int), strict=True):
+    for p in syn.positions.astype(int):
         count[p[0]:p[0] + 96, p[1]:p[1] + 96] += 1
     for tile, p in zip(syn.tiles, syn.positions.astype(int), strict=True):
         region = (slice(p[0], p[0] + 96), slice(p[1], p[1] + 96))

@@ -1,0 +1,166 @@
+"""``gpufusion fuse INPUT -o OUT.ome.zarr``: fuse tiles from a positions file."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..blend import BLEND_MODES, INTERPOLATIONS
+from ..errors import InputError
+from ..pipeline import FuseResult
+from . import common_options, notice, show_progress
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def add_fusion_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``fuse`` and ``demo``."""
+    p.add_argument(
+        "--blend",
+        choices=BLEND_MODES,
+        default="linear",
+        help="how overlaps are combined (default: linear feathering)",
+    )
+    p.add_argument(
+        "--blend-width",
+        type=non_negative_float,
+        default=None,
+        metavar="PX",
+        help="blending ramp width in pixels (default: half the median overlap)",
+    )
+    p.add_argument(
+        "--interp",
+        choices=INTERPOLATIONS,
+        default="linear",
+        help="resampling (default: linear; integer positions are exact copies)",
+    )
+    p.add_argument(
+        "--chunk",
+        type=positive_int,
+        default=1024,
+        metavar="N",
+        help="output chunk size in pixels per axis (default: 1024)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "numpy", "cupy"),
+        default="auto",
+        help="auto: the GPU when usable, else NumPy (default: auto)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("same", "float32"),
+        default="same",
+        help="output dtype (default: same as the tiles, rounded and clipped)",
+    )
+    p.add_argument(
+        "--ngff",
+        choices=("0.4", "0.5"),
+        default="0.4",
+        help="OME-Zarr version: 0.4 (Zarr v2, default) or 0.5 (Zarr v3)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=("blosc-zstd", "blosc-lz4", "zstd", "none"),
+        default="blosc-zstd",
+        help="chunk compression (default: blosc-zstd)",
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fuse",
+        parents=[common_options()],
+        help="fuse tiles listed in a positions file into an OME-Zarr image",
+        description="Fuse tiles listed in a Fiji TileConfiguration.txt or a positions CSV "
+        "(header file,x,y[,z]; pixel units) into a multiscale OME-Zarr image.",
+    )
+    p.add_argument("input", help="TileConfiguration.txt (or .registered.txt) or positions CSV")
+    p.add_argument("-o", "--output", required=True, help="output folder, e.g. out.ome.zarr")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT (only once the new result is complete)",
+    )
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="physical pixel size written to the metadata (with --unit)",
+    )
+    p.add_argument("--unit", default="micrometer", help="unit of --pixel-size")
+    add_fusion_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import check_output_path, fuse_to_ome_zarr
+    from ..readers import mosaic_from_file
+
+    out = check_output_path(args.output, args.overwrite)
+    if str(out).lower().endswith((".tif", ".tiff")):
+        raise InputError(f"{out}: OME-TIFF output is not supported yet; write .ome.zarr")
+    unit = None
+    if args.pixel_size is not None:
+        if not args.pixel_size > 0:
+            raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
+        unit = args.unit
+    mosaic = mosaic_from_file(args.input, pixel_size=args.pixel_size, unit=unit)
+    backend = resolve_backend_with_notice(args)
+    result = fuse_to_ome_zarr(
+        mosaic,
+        out,
+        chunks=args.chunk,
+        blend=args.blend,
+        blend_width=args.blend_width,
+        interpolation=args.interp,
+        dtype=None if args.dtype == "same" else args.dtype,
+        backend=backend,
+        ngff_version=args.ngff,
+        compressor=args.compression,
+        overwrite=args.overwrite,
+        progress=show_progress(args),
+    )
+    if not args.quiet:
+        print(summary(result, len(mosaic)))
+    return 0
+
+
+def resolve_backend_with_notice(args: argparse.Namespace) -> str:
+    from ..backends import get_backend, resolve_backend
+
+    name, message = resolve_backend(args.backend)
+    if message:
+        notice(args, message)
+    get_backend(name)  # fails now, with a clear message, if the GPU is not usable
+    return name
+
+
+def summary(result: FuseResult, n_tiles: int) -> str:
+    """One line: what was fused, where, how fast."""
+    shape = " x ".join(str(s) for s in result.shape)
+    mpx = math.prod(result.shape) / 1e6
+    return (
+        f"fused {n_tiles} tiles -> {result.path} ({shape} {result.dtype}, {mpx:.1f} Mpx) "
+        f"in {result.seconds:.2f} s ({result.megapixels_per_second:.1f} Mpx/s, "
+        f"backend {result.backend})"
+    )

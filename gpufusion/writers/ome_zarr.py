@@ -1,0 +1,705 @@
+"""Write fused images as multiscale OME-Zarr, and describe existing ones.
+
+Two on-disk flavours are written:
+
+* NGFF 0.4: Zarr v2 arrays (``dimension_separator`` ``/``), multiscales in ``.zattrs``;
+* NGFF 0.5: Zarr v3 arrays with ``dimension_names``, multiscales under ``"ome"`` in the
+  group's ``zarr.json`` attributes.
+
+Datasets are named ``"0"``, ``"1"``, ...; level ``k + 1`` is the 2x mean of level ``k``
+(:mod:`gpufusion.pyramid`). Every level carries a ``scale`` and a ``translation``: with
+``F`` the total factor on an axis and ``p`` its level-0 pixel size, ``scale = p * F`` and
+``translation = origin + (F - 1) * p / 2``, which keeps each low-resolution pixel centred on
+the block of level-0 pixels it averages.
+
+How a write runs
+----------------
+Level 0 is computed once from the (lazy, expensive) fusion graph and stored chunk by
+chunk; level ``k + 1`` is computed from level ``k`` read back from the store, so the fusion
+is never recomputed and no level is ever held in memory whole. Everything is written to a
+hidden sibling directory ``.NAME.tmp-XXXX`` that is renamed to the output only when complete;
+on any error or interrupt it is removed and an existing output is left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import dask.threaded
+import numcodecs
+import numpy as np
+import zarr
+import zarr.codecs
+from dask.base import get_scheduler
+from dask.diagnostics import ProgressBar
+from dask.system import CPU_COUNT
+
+from gpufusion.errors import InputError
+from gpufusion.pyramid import SPATIAL_AXES, downsampled_shape, pyramid_factors, pyramid_level
+
+#: NGFF versions :func:`write_ome_zarr` can write, with the Zarr format each uses.
+NGFF_VERSIONS = {"0.4": 2, "0.5": 3}
+
+#: Compressor presets: name -> description. All are lossless.
+COMPRESSORS = {
+    "blosc-zstd": "Blosc zstd level 1 with bit shuffle (default: fast, ~best ratio)",
+    "blosc-lz4": "Blosc LZ4 level 5 with bit shuffle (about 3x faster, files ~5% larger)",
+    "zstd": "plain Zstandard level 1 (no shuffle; readable by any Zarr implementation)",
+    "none": "no compression",
+}
+
+#: Axis name -> NGFF axis type; axes must appear in this order.
+AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+
+#: The NGFF space units (UDUNITS-2 lengths), plus a few common abbreviations.
+SPACE_UNITS = frozenset(
+    (
+        "angstrom",
+        "attometer",
+        "centimeter",
+        "decimeter",
+        "exameter",
+        "femtometer",
+        "foot",
+        "gigameter",
+        "hectometer",
+        "inch",
+        "kilometer",
+        "megameter",
+        "meter",
+        "micrometer",
+        "mile",
+        "millimeter",
+        "nanometer",
+        "parsec",
+        "petameter",
+        "picometer",
+        "terameter",
+        "yard",
+        "yoctometer",
+        "yottameter",
+        "zeptometer",
+        "zettameter",
+    )
+)
+UNIT_ALIASES = {
+    "um": "micrometer",
+    "µm": "micrometer",
+    "μm": "micrometer",
+    "nm": "nanometer",
+    "mm": "millimeter",
+    "m": "meter",
+}
+
+#: Default chunk size on spatial axes when the image is not a dask array.
+DEFAULT_CHUNK = 512
+
+_DOWNSAMPLING = {
+    "description": "2x mean of pixel blocks on spatial axes; an odd trailing sample is the "
+    "mean of the samples available; integers rounded half to even",
+    "method": "gpufusion.pyramid.downsample_mean2",
+}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Validated axes and level-0 physical placement (spatial axes only)."""
+
+    axes: tuple[str, ...]
+    pixel_size: tuple[float, ...]
+    origin: tuple[float, ...]
+    unit: str | None
+
+    @property
+    def spatial(self) -> tuple[bool, ...]:
+        return tuple(name in SPATIAL_AXES for name in self.axes)
+
+
+def _check_axes(axes: Sequence[str], ndim: int) -> tuple[str, ...]:
+    names = tuple(str(a).lower() for a in axes)
+    order = "".join(AXIS_TYPES)
+    positions = [order.find(n) if len(n) == 1 else -1 for n in names]
+    if (
+        len(names) != ndim
+        or -1 in positions
+        or positions != sorted(set(positions))
+        or not {"y", "x"} <= set(names)
+    ):
+        raise InputError(
+            f"axes {list(axes)} do not fit an image of {ndim} dimensions: give one name per "
+            "axis, in the order t, c, z, y, x, with y and x present (e.g. ['z', 'y', 'x'])"
+        )
+    return names
+
+
+def _check_vector(
+    values: Sequence[float] | None, n: int, default: float, what: str, positive: bool
+) -> tuple[float, ...]:
+    if values is None:
+        return (default,) * n
+    try:
+        vector = tuple(float(v) for v in np.atleast_1d(np.asarray(values, dtype=float)))
+    except (TypeError, ValueError):
+        raise InputError(f"{what} {values!r}: need {n} numbers, one per spatial axis") from None
+    if len(vector) == 1 and n > 1:
+        vector *= n
+    bad = len(vector) != n or not all(math.isfinite(v) and (v > 0 or not positive) for v in vector)
+    if bad:
+        need = "positive numbers" if positive else "finite numbers"
+        raise InputError(f"{what} {list(vector)}: need {n} {need}, one per spatial axis")
+    return vector
+
+
+def _check_unit(unit: str | None) -> str | None:
+    if unit is None:
+        return None
+    canonical = UNIT_ALIASES.get(unit, unit.lower())
+    if canonical not in SPACE_UNITS:
+        raise InputError(
+            f"unit {unit!r} is not an NGFF space unit; use e.g. 'micrometer', 'nanometer' "
+            f"or 'millimeter' (or one of {sorted(UNIT_ALIASES)})"
+        )
+    return canonical
+
+
+def _geometry(
+    ndim: int,
+    axes: Sequence[str],
+    pixel_size: Sequence[float] | None,
+    origin: Sequence[float] | None,
+    unit: str | None,
+) -> _Geometry:
+    names = _check_axes(axes, ndim)
+    n_space = sum(name in SPATIAL_AXES for name in names)
+    return _Geometry(
+        axes=names,
+        pixel_size=_check_vector(pixel_size, n_space, 1.0, "pixel_size", positive=True),
+        origin=_check_vector(origin, n_space, 0.0, "origin", positive=False),
+        unit=_check_unit(unit),
+    )
+
+
+def _chunk_shape(
+    chunks: int | Sequence[int] | None, image: Any, axes: tuple[str, ...]
+) -> tuple[int, ...]:
+    """Zarr chunk shape: given per axis, or an int for spatial axes (1 on c/t)."""
+    if chunks is None:
+        if isinstance(image, da.Array):
+            wanted = tuple(int(c) for c in image.chunksize)
+        else:
+            wanted = tuple(DEFAULT_CHUNK if a in SPATIAL_AXES else 1 for a in axes)
+    elif isinstance(chunks, int | np.integer):
+        wanted = tuple(int(chunks) if a in SPATIAL_AXES else 1 for a in axes)
+    else:
+        wanted = tuple(int(c) for c in chunks)
+    if len(wanted) != len(axes) or min(wanted) < 1:
+        raise InputError(
+            f"chunks {chunks!r}: need a positive int or one positive int per axis {list(axes)}"
+        )
+    return _level_chunks(wanted, image.shape)
+
+
+def _check_image(image: Any) -> None:
+    dtype = np.dtype(image.dtype)
+    if dtype == np.bool_ or dtype.kind not in "uif":
+        raise InputError(f"image dtype {dtype} is not supported; use an integer or float dtype")
+
+
+def _codec_settings(compressor: str, zarr_format: int, axes: tuple[str, ...]) -> dict[str, Any]:
+    """Keyword arguments for ``Group.create_array`` for one compressor preset."""
+    if compressor not in COMPRESSORS:
+        raise InputError(f"compressor {compressor!r} is not one of {sorted(COMPRESSORS)}")
+    if zarr_format == 2:
+        codecs: dict[str, Any] = {
+            "blosc-zstd": numcodecs.Blosc("zstd", 1, numcodecs.Blosc.BITSHUFFLE),
+            "blosc-lz4": numcodecs.Blosc("lz4", 5, numcodecs.Blosc.BITSHUFFLE),
+            "zstd": numcodecs.Zstd(level=1),
+        }
+        layout: dict[str, Any] = {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+    else:
+        codecs = {
+            "blosc-zstd": zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),
+            "blosc-lz4": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+            "zstd": zarr.codecs.ZstdCodec(level=1),
+        }
+        layout = {"dimension_names": axes}
+    return {"compressors": codecs.get(compressor), **layout}
+
+
+# ------------------------------------------------------------------------------ metadata
+
+
+def _level_transform(geometry: _Geometry, total: Sequence[int]) -> list[dict[str, Any]]:
+    """Scale and translation of a level whose total factor per axis is ``total``."""
+    scale, translation = [], []
+    spatial = iter(zip(geometry.pixel_size, geometry.origin, strict=True))
+    for is_space, factor in zip(geometry.spatial, total, strict=True):
+        if is_space:
+            size, start = next(spatial)
+            scale.append(size * factor)
+            translation.append(start + 0.5 * (factor - 1) * size)
+        else:
+            scale.append(1.0)
+            translation.append(0.0)
+    return [{"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]
+
+
+def _multiscale(
+    geometry: _Geometry, totals: Sequence[Sequence[int]], name: str, version: str
+) -> dict[str, Any]:
+    axes = []
+    for axis in geometry.axes:
+        entry = {"name": axis, "type": AXIS_TYPES[axis]}
+        if geometry.unit is not None and AXIS_TYPES[axis] == "space":
+            entry["unit"] = geometry.unit
+        axes.append(entry)
+    multiscale: dict[str, Any] = {"version": version} if version == "0.4" else {}
+    multiscale |= {
+        "name": name,
+        "axes": axes,
+        "datasets": [
+            {"path": str(k), "coordinateTransformations": _level_transform(geometry, total)}
+            for k, total in enumerate(totals)
+        ],
+        "type": "mean",
+        "metadata": dict(_DOWNSAMPLING),
+    }
+    return multiscale
+
+
+def _group_attributes(multiscale: dict[str, Any], version: str) -> dict[str, Any]:
+    if version == "0.4":
+        return {"multiscales": [multiscale]}
+    return {"ome": {"version": version, "multiscales": [multiscale]}}
+
+
+def _total_factors(plan: Sequence[Sequence[int]], ndim: int) -> list[tuple[int, ...]]:
+    totals = [(1,) * ndim]
+    for factors in plan:
+        totals.append(tuple(t * f for t, f in zip(totals[-1], factors, strict=True)))
+    return totals
+
+
+# ------------------------------------------------------------------- atomic output folder
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not overwrite and (out.exists() or out.is_symlink()):
+        raise InputError(f"output {out} already exists; pass overwrite=True to replace it")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _sibling_dir(out: Path, tag: str) -> Path:
+    """Create a new hidden folder ``.NAME.TAG-XXXXXXXX`` beside ``out``.
+
+    Unlike ``tempfile.mkdtemp`` (mode 0700), ``mkdir`` honours the umask, so the finished
+    output gets the same permissions as any folder the user creates.
+    """
+    while True:
+        candidate = out.parent / f".{out.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is removed only once ``tmp`` is in."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    _check_target(out, overwrite)  # it may have appeared while we were computing
+    old = _sibling_dir(out, "old")
+    try:
+        os.rename(out, old / out.name)
+    except BaseException:
+        _remove(old)
+        raise
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / out.name, out)
+        _remove(old)
+        raise
+    _remove(old)
+
+
+@contextmanager
+def _atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden sibling folder of ``out``, renamed to ``out`` on success."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling_dir(out, "tmp")
+    try:
+        yield tmp
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------- compute
+
+
+@contextmanager
+def _scheduler_for(scheduler: Any, image: da.Array) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(scheduler, is_local)``.
+
+    The default threaded scheduler is replaced by a private thread pool that is shut down
+    (waiting for running tasks) on exit, so that after a failed block no straggling task
+    can write into the temporary folder once it has been removed.
+    """
+    get = get_scheduler(scheduler=scheduler, collections=[image])
+    if get is not dask.threaded.get:
+        yield scheduler, getattr(get, "__self__", None) is None  # a Client's .get is bound
+        return
+    workers = dask.config.get("num_workers", None) or CPU_COUNT
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="gpufusion-write")
+    try:
+        yield pool, True
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _level_chunks(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """The Zarr chunk shape of a level: ``chunks``, but never larger than the level."""
+    return tuple(min(c, max(n, 1)) for c, n in zip(chunks, shape, strict=True))
+
+
+def _store_level(
+    source: da.Array,
+    group: zarr.Group,
+    path: str,
+    chunks: tuple[int, ...],
+    codec: dict[str, Any],
+    scheduler: Any,
+    progress: bool,
+) -> zarr.Array:
+    """Store ``source`` as array ``path`` of ``group``, one task per Zarr chunk."""
+    level_chunks = _level_chunks(chunks, source.shape)
+    if source.chunks != da.core.normalize_chunks(level_chunks, source.shape):
+        source = source.rechunk(level_chunks)
+    target = group.create_array(
+        path,
+        shape=source.shape,
+        chunks=level_chunks,
+        dtype=source.dtype,
+        fill_value=0,
+        config={"write_empty_chunks": True},  # skipping them costs a comparison per chunk
+        **codec,
+    )
+    with ProgressBar() if progress else nullcontext():
+        da.store(source, target, lock=False, scheduler=scheduler)
+    return target
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def write_ome_zarr(
+    image: da.Array,
+    out: str | os.PathLike[str],
+    *,
+    axes: Sequence[str],
+    pixel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    origin: Sequence[float] | None = None,
+    ngff_version: str = "0.4",
+    chunks: int | Sequence[int] | None = None,
+    compressor: str = "blosc-zstd",
+    overwrite: bool = False,
+    progress: bool = False,
+    name: str = "gpufusion",
+    scheduler: Any = None,
+) -> Path:
+    """Write ``image`` and its 2x mean pyramid as an OME-Zarr image, atomically.
+
+    Parameters
+    ----------
+    image : dask.array.Array
+        Level 0, usually a lazy fusion graph; each block is computed exactly once. A NumPy
+        array is accepted too (chunked by ``chunks``). Integer or float dtype.
+    out : str or path-like
+        Output folder, conventionally ``*.ome.zarr``. Its parent is created if needed.
+    axes : sequence of str
+        One name per axis, in the order ``t``, ``c``, ``z``, ``y``, ``x`` (``y`` and ``x``
+        required), e.g. ``["y", "x"]`` or ``["c", "z", "y", "x"]``.
+    pixel_size : sequence of float, optional
+        Level-0 physical pixel size per spatial axis (one value is repeated); default 1.
+    unit : str, optional
+        NGFF space unit such as ``"micrometer"`` (``"um"``, ``"nm"``, ``"mm"`` accepted);
+        when None, no unit is written.
+    origin : sequence of float, optional
+        Physical position of the centre of level-0 pixel ``(0, ..., 0)`` per spatial axis;
+        default 0.
+    ngff_version : {"0.4", "0.5"}
+        ``"0.4"`` writes Zarr v2, ``"0.5"`` writes Zarr v3.
+    chunks : int or sequence of int, optional
+        Zarr chunk shape of every level: an int applies to spatial axes (chunk 1 on ``c``
+        and ``t``); default: the chunk size of ``image`` (512 for NumPy input). ``image`` is
+        rechunked first when its chunks differ.
+    compressor : str
+        One of :data:`COMPRESSORS`: ``"blosc-zstd"`` (default), ``"blosc-lz4"``, ``"zstd"``
+        or ``"none"``.
+    overwrite : bool
+        Replace an existing ``out``; it is removed only after the new image is complete.
+    progress : bool
+        Show a dask progress bar per level (local schedulers only).
+    name : str
+        Name stored in the multiscales metadata.
+    scheduler : optional
+        Dask scheduler for the computations (None: dask's default).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+
+    Raises
+    ------
+    InputError
+        For bad options, or when ``out`` exists and ``overwrite`` is False; raised before
+        anything is computed.
+
+    Examples
+    --------
+    >>> import tempfile, dask.array as da
+    >>> img = da.ones((300, 200), dtype="uint16", chunks=128)
+    >>> out = write_ome_zarr(img, tempfile.mkdtemp() + "/m.ome.zarr", axes=["y", "x"],
+    ...                      pixel_size=[0.5, 0.5], unit="micrometer")
+    >>> [level["shape"] for level in read_ome_zarr_info(out)["levels"]]
+    [(300, 200), (150, 100), (75, 50)]
+    """
+    out = Path(out)
+    if ngff_version not in NGFF_VERSIONS:
+        raise InputError(f"ngff_version {ngff_version!r} is not one of {list(NGFF_VERSIONS)}")
+    _check_image(image)
+    geometry = _geometry(image.ndim, axes, pixel_size, origin, unit)
+    chunk_shape = _chunk_shape(chunks, image, geometry.axes)
+    codec = _codec_settings(compressor, NGFF_VERSIONS[ngff_version], geometry.axes)
+    _check_target(out, overwrite)
+    if not isinstance(image, da.Array):
+        image = da.from_array(np.asarray(image), chunks=chunk_shape)
+
+    plan = pyramid_factors(image.shape, chunk_shape, geometry.axes)
+    multiscale = _multiscale(geometry, _total_factors(plan, image.ndim), name, ngff_version)
+    with (
+        _atomic_directory(out, overwrite) as tmp,
+        _scheduler_for(scheduler, image) as (sched, local),
+    ):
+        group = zarr.create_group(
+            store=str(tmp),
+            zarr_format=NGFF_VERSIONS[ngff_version],
+            attributes=_group_attributes(multiscale, ngff_version),
+            overwrite=True,
+        )
+        run = {"scheduler": sched, "progress": progress and local}
+        stored = _store_level(image, group, "0", chunk_shape, codec, **run)
+        for level, factors in enumerate(plan, start=1):
+            out_chunks = _level_chunks(chunk_shape, downsampled_shape(stored.shape, factors))
+            # Read blocks of 2C straight from the store: no rechunk tasks in the graph.
+            read_chunks = tuple(c * f for c, f in zip(out_chunks, factors, strict=True))
+            lower = pyramid_level(da.from_zarr(stored, chunks=read_chunks), factors, out_chunks)
+            stored = _store_level(lower, group, str(level), chunk_shape, codec, **run)
+    return out
+
+
+def _describe_codecs(array: zarr.Array) -> str:
+    parts = []
+    for codec in array.compressors:
+        if hasattr(codec, "get_config"):  # numcodecs (Zarr v2)
+            config = dict(codec.get_config())
+            label = config.pop("id")
+        else:  # zarr.codecs (Zarr v3)
+            spec = codec.to_dict()
+            label, config = spec["name"], dict(spec.get("configuration", {}))
+        config.pop("typesize", None)
+        config.pop("blocksize", None)
+        if label == "blosc" and isinstance(config.get("shuffle"), int):
+            config["shuffle"] = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}.get(
+                config["shuffle"], config["shuffle"]
+            )
+        settings = ", ".join(f"{k}={v}" for k, v in config.items() if k != "checksum")
+        parts.append(f"{label}({settings})")
+    return " + ".join(parts) or "none"
+
+
+def _not_ome_zarr(path: Path, why: str) -> InputError:
+    return InputError(f"{path} is not an OME-Zarr image: {why}")
+
+
+def _effective_transform(
+    dataset: dict[str, Any], global_transforms: list[dict[str, Any]], ndim: int
+) -> tuple[list[float], list[float]]:
+    """Compose a dataset's scale/translation with the multiscale-wide ones, if any."""
+    scale, translation = [1.0] * ndim, [0.0] * ndim
+    for transform in [*dataset.get("coordinateTransformations", []), *global_transforms]:
+        if transform.get("type") == "scale" and "scale" in transform:
+            scale = [s * g for s, g in zip(scale, transform["scale"], strict=True)]
+            translation = [t * g for t, g in zip(translation, transform["scale"], strict=True)]
+        elif transform.get("type") == "translation" and "translation" in transform:
+            translation = [
+                t + g for t, g in zip(translation, transform["translation"], strict=True)
+            ]
+    return scale, translation
+
+
+def read_ome_zarr_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe an OME-Zarr image: version, axes and every level's layout.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Folder of an OME-Zarr image (NGFF 0.4 on Zarr v2, or 0.5 on Zarr v3).
+
+    Returns
+    -------
+    dict
+        ``path``, ``ngff_version``, ``zarr_format``, ``name``, ``downsampling`` (the
+        multiscale ``type``), ``axes`` (list of ``{"name", "type", "unit"}``),
+        ``compressor`` (of level 0) and ``levels``: one dict per dataset with ``path``,
+        ``shape``, ``chunks``, ``dtype``, ``scale``, ``translation`` and ``compressor``.
+
+    Raises
+    ------
+    InputError
+        If ``path`` is missing, not a Zarr group, or has no multiscales metadata.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> out = write_ome_zarr(np.zeros((4, 6), "uint8"), tempfile.mkdtemp() + "/a.zarr",
+    ...                      axes=["y", "x"], ngff_version="0.5")
+    >>> info = read_ome_zarr_info(out)
+    >>> info["ngff_version"], info["zarr_format"], info["levels"][0]["shape"]
+    ('0.5', 3, (4, 6))
+    """
+    path = Path(path)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, ValueError) as exc:  # zarr's not-found errors are both
+        raise _not_ome_zarr(path, "no Zarr group there") from exc
+    attrs = group.attrs.asdict()
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    multiscales = ome.get("multiscales")
+    if not isinstance(multiscales, list) or not multiscales:
+        raise _not_ome_zarr(path, "no 'multiscales' metadata")
+    multiscale = multiscales[0]
+    version = ome.get("version") or multiscale.get("version")
+    axes = [
+        {"name": a.get("name"), "type": a.get("type"), "unit": a.get("unit")}
+        if isinstance(a, dict)
+        else {"name": str(a), "type": None, "unit": None}
+        for a in multiscale.get("axes", [])
+    ]
+    levels = []
+    for dataset in multiscale.get("datasets", []):
+        try:
+            array = group[dataset["path"]]
+        except KeyError as exc:
+            raise _not_ome_zarr(path, f"dataset {dataset.get('path')!r} is missing") from exc
+        if not isinstance(array, zarr.Array):
+            raise _not_ome_zarr(path, f"dataset {dataset['path']!r} is not an array")
+        scale, translation = _effective_transform(
+            dataset, multiscale.get("coordinateTransformations") or [], array.ndim
+        )
+        levels.append(
+            {
+                "path": dataset["path"],
+                "shape": tuple(array.shape),
+                "chunks": tuple(array.chunks),
+                "dtype": str(array.dtype),
+                "scale": scale,
+                "translation": translation,
+                "compressor": _describe_codecs(array),
+            }
+        )
+    if not levels:
+        raise _not_ome_zarr(path, "the multiscales metadata lists no datasets")
+    return {
+        "path": str(path),
+        "ngff_version": version,
+        "zarr_format": group.metadata.zarr_format,
+        "name": multiscale.get("name"),
+        "downsampling": multiscale.get("type"),
+        "axes": axes,
+        "compressor": levels[0]["compressor"],
+        "levels": levels,
+    }
+
+
+def _numbers(values: Sequence[float], sep: str = ", ") -> str:
+    return sep.join(f"{v:g}" for v in values)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """Render :func:`read_ome_zarr_info` output as a small text table.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> out = write_ome_zarr(np.zeros((300, 200), "uint16"), tempfile.mkdtemp() + "/a.zarr",
+    ...                      axes=["y", "x"], chunks=128, pixel_size=[0.5, 0.5], unit="um")
+    >>> print(format_info(read_ome_zarr_info(out)))  # doctest: +ELLIPSIS
+    /.../a.zarr
+      OME-Zarr NGFF 0.4 (Zarr v2), name 'gpufusion', downsampling 'mean'
+      axes: y (space, micrometer), x (space, micrometer)
+      compressor: blosc(cname=zstd, clevel=1, shuffle=bitshuffle)
+      level  shape      chunks     dtype   scale     translation
+      0      300 x 200  128 x 128  uint16  0.5, 0.5  0, 0
+      1      150 x 100  128 x 100  uint16  1, 1      0.25, 0.25
+      2      75 x 50    75 x 50    uint16  2, 2      0.75, 0.75
+    """
+    axes = ", ".join(
+        f"{a['name']} ({', '.join(str(v) for v in (a['type'], a['unit']) if v)})"
+        if a["type"] or a["unit"]
+        else str(a["name"])
+        for a in info["axes"]
+    )
+    header = ("level", "shape", "chunks", "dtype", "scale", "translation")
+    rows = [
+        (
+            level["path"],
+            " x ".join(map(str, level["shape"])),
+            " x ".join(map(str, level["chunks"])),
+            level["dtype"],
+            _numbers(level["scale"]),
+            _numbers(level["translation"]),
+        )
+        for level in info["levels"]
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    table = [
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(
+        [
+            info["path"],
+            f"  OME-Zarr NGFF {info['ngff_version']} (Zarr v{info['zarr_format']}), "
+            f"name {info['name']!r}, downsampling {info['downsampling']!r}",
+            f"  axes: {axes}",
+            f"  compressor: {info['compressor']}",
+            *table,
+        ]
+    )
