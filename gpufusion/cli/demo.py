@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from . import common_options, show_progress
-from .fuse import add_fusion_options, positive_int, resolve_backend_with_notice, summary
+from . import common_options
+from .fuse import (
+    add_fusion_options,
+    fusion_kwargs,
+    positive_int,
+    resolve_backend_with_notice,
+    summary,
+)
 
 
 def parse_grid(text: str) -> tuple[int, int]:
@@ -78,20 +84,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.overlap:.0%} overlap, sub-pixel positions "
             f"(made in {time.perf_counter() - t0:.2f} s)"
         )
-    result = fuse_to_ome_zarr(
-        mosaic,
-        out,
-        chunks=args.chunk,
-        blend=args.blend,
-        blend_width=args.blend_width,
-        interpolation=args.interp,
-        dtype=None if args.dtype == "same" else args.dtype,
-        backend=backend,
-        ngff_version=args.ngff,
-        compressor=args.compression,
-        overwrite=True,
-        progress=show_progress(args),
-    )
+    result = fuse_to_ome_zarr(mosaic, out, overwrite=True, **fusion_kwargs(args, backend))
     fused = zarr.open_array(str(out / "0"), mode="r")[...]
     truth = syn.ground_truth(mosaic.origin, mosaic.shape)
     covered = syn.coverage(mosaic.origin, mosaic.shape)

@@ -126,23 +126,26 @@ def run(args: argparse.Namespace) -> int:
         unit = args.unit
     mosaic = mosaic_from_file(args.input, pixel_size=args.pixel_size, unit=unit)
     backend = resolve_backend_with_notice(args)
-    result = fuse_to_ome_zarr(
-        mosaic,
-        out,
-        chunks=args.chunk,
-        blend=args.blend,
-        blend_width=args.blend_width,
-        interpolation=args.interp,
-        dtype=None if args.dtype == "same" else args.dtype,
-        backend=backend,
-        ngff_version=args.ngff,
-        compressor=args.compression,
-        overwrite=args.overwrite,
-        progress=show_progress(args),
-    )
+    result = fuse_to_ome_zarr(mosaic, out, overwrite=args.overwrite,
+                              **fusion_kwargs(args, backend))
     if not args.quiet:
         print(summary(result, len(mosaic)))
     return 0
+
+
+def fusion_kwargs(args: argparse.Namespace, backend: str) -> dict:
+    """Keyword arguments of :func:`gpufusion.fuse_to_ome_zarr` from the shared options."""
+    return {
+        "chunks": args.chunk,
+        "blend": args.blend,
+        "blend_width": args.blend_width,
+        "interpolation": args.interp,
+        "dtype": None if args.dtype == "same" else args.dtype,
+        "backend": backend,
+        "ngff_version": args.ngff,
+        "compressor": args.compression,
+        "progress": show_progress(args),
+    }
 
 
 def resolve_backend_with_notice(args: argparse.Namespace) -> str:
