@@ -110,6 +110,9 @@ def fuse_to_ome_zarr(
     if not isinstance(mosaic, Mosaic):
         image = da.stack(fused)  # one zarr chunk per channel
         axes, out_chunks = ("c", *axes), (1, *out_chunks)
+    if name == "cupy":  # the writer stores host arrays: one device-to-host copy per chunk
+        image = image.map_blocks(_to_host, dtype=image.dtype,
+                                 meta=np.empty((0,) * image.ndim, image.dtype))
     pixel = first.pixel_size or (1.0,) * first.ndim
     origin = tuple(float(o) * p for o, p in zip(first.origin, pixel, strict=True))
     write_ome_zarr(image, out, axes=axes, pixel_size=pixel, unit=first.unit, origin=origin,
@@ -118,3 +121,9 @@ def fuse_to_ome_zarr(
     seconds = time.perf_counter() - t0
     return FuseResult(out, tuple(image.shape), np.dtype(image.dtype), len(first), name,
                       seconds)
+
+
+def _to_host(block: Any) -> np.ndarray:
+    import cupy
+
+    return cupy.asnumpy(block)

@@ -258,7 +258,9 @@ def _add_separable(acc: _Accumulator, win: np.ndarray, table: ChunkTable, k: int
         src_sl.append(slice(int(i0[0]), int(i0[-1]) + 1 + (f is not None)))
         fracs.append(f)
     val = win[tuple(src_sl)]
-    if all(f is None for f in fracs):
+    if all(f is None for f in fracs) or val.dtype.itemsize > 2 and val.dtype != np.float32:
+        # samples are float32 before any arithmetic, as in the general path and the kernel
+        # (8/16-bit integers convert exactly inside the first lerp, saving a pass)
         val = val.astype(np.float32)
     one = np.float32(1)
     for d in range(ndim - 1, -1, -1):  # last axis first, as lerp_corners

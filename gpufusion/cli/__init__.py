@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from ..errors import InputError
 
-COMMANDS = ("demo", "fuse", "info")
+COMMANDS = ("demo", "fuse", "info", "bench")
 
 
 def common_options() -> argparse.ArgumentParser:

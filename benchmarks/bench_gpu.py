@@ -1,0 +1,273 @@
+"""GPU benchmarks (pytest-benchmark); skipped without a usable CUDA device.
+
+Run on a GPU machine::
+
+    python -m pytest benchmarks/bench_gpu.py -q -p no:cacheprovider \\
+        --benchmark-json=$OUT/bench.json
+
+What is measured, each after an untimed warm-up (kernel compilation, memory pools), with a
+device synchronisation inside the timed function:
+
+* ``test_copy_bandwidth``: a device-to-device copy of 1 GiB, the ceiling a memory-bound
+  kernel can approach (bytes read + bytes written per second).
+* ``test_fusion_kernel_bandwidth``: the fusion kernel alone over every chunk of a synthetic
+  mosaic, packed and resident on the device: effective bandwidth (window bytes read +
+  output bytes written, per second) against the copy bandwidth.
+* ``test_fusion_tiles_resident_vs_numpy``: the fusion stage with whole tiles resident in
+  device memory (descriptors uploaded, windows gathered on the device, kernel) against the
+  NumPy backend on all CPU cores (timed once per session, recorded beside the GPU result).
+* ``test_whole_slide_tiff_to_ome_zarr``: a scaled whole-slide run: ``GPUFUSION_WSI_TILES``
+  (default 600) tiles of 2048x2048 uint16 with 10 % overlap written as TIFF files, then read
+  back, fused on the GPU and written as a multiscale OME-Zarr image. Lower the tile count to
+  fit a short device session (about 0.2 s per tile on an H100 machine is a first guess).
+
+``extra_info`` records the device name, Mpx/s, GB/s and, for the whole-slide case, the
+backend's per-stage breakdown (see :class:`gpufusion.backends.cupy_backend.StageTimes`).
+Sizes: ``GPUFUSION_BENCH_GRID`` (default ``4x4``) tiles of ``GPUFUSION_BENCH_TILE`` (2048).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpufusion.backends import gpu_status
+
+GPU_OK, GPU_WHY = gpu_status()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"no usable GPU: {GPU_WHY}")]
+
+GRID = tuple(int(v) for v in os.environ.get("GPUFUSION_BENCH_GRID", "4x4").split("x"))
+TILE = int(os.environ.get("GPUFUSION_BENCH_TILE", "2048"))
+WSI_TILES = int(os.environ.get("GPUFUSION_WSI_TILES", "600"))
+CHUNK = 1024
+ROUNDS = 5
+
+
+def device_info() -> dict[str, str]:
+    from gpufusion.bench import cpu_name, gpu_name
+
+    return {"device": gpu_name(), "cpu": cpu_name()}
+
+
+def run_timed(benchmark, fn, rounds: int, warmup_rounds: int = 0):
+    """``benchmark.pedantic`` returning ``(result, median seconds)``, also when disabled."""
+    t0 = time.perf_counter()
+    result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    stats = getattr(benchmark, "stats", None)
+    return result, (stats.stats.median if stats else time.perf_counter() - t0)
+
+
+def event_seconds(fn, repeat: int = 1) -> float:
+    """Device time of ``fn()`` (run ``repeat`` times) measured with CUDA events."""
+    import cupy
+
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(repeat):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeat
+
+
+@pytest.fixture(scope="module")
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth (GB/s, read + written), median of 10 copies."""
+    import cupy
+
+    n = 1 << 30
+    src = cupy.full(n, 7, dtype=np.uint8)
+    dst = cupy.empty_like(src)
+    cupy.copyto(dst, src)  # warm-up
+    times = [event_seconds(lambda: cupy.copyto(dst, src)) for _ in range(10)]
+    return 2 * n / float(np.median(times)) / 1e9
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    from gpufusion.synthetic import make_mosaic
+
+    syn = make_mosaic(GRID, (TILE, TILE), overlap=0.1, dtype="uint16", seed=1)
+    return syn, syn.mosaic()
+
+
+@pytest.fixture(scope="module")
+def setup(synthetic):
+    """Backend, fusion parameters and the plan of the synthetic mosaic."""
+    from gpufusion.backends import get_backend
+    from gpufusion.fuse import fusion_params
+    from gpufusion.plan import plan_fusion
+
+    _, mosaic = synthetic
+    return get_backend("cupy"), fusion_params(mosaic), plan_fusion(mosaic, CHUNK)
+
+
+def chunk_windows(mosaic, table, tiles=None) -> list:
+    """The windows of one chunk, from host sources or from device-resident ``tiles``."""
+    if tiles is None:
+        return [mosaic.tiles[int(i)].source.read(w) for i, w in zip(table.tiles,
+                                                                    table.windows(),
+                                                                    strict=True)]
+    return [tiles[int(i)][w] for i, w in zip(table.tiles, table.windows(), strict=True)]
+
+
+@pytest.fixture(scope="module")
+def numpy_seconds(synthetic) -> float:
+    """The NumPy backend on all CPU cores, best of two after a warm-up chunk."""
+    import dask
+
+    from gpufusion import fuse
+
+    _, mosaic = synthetic
+    image = fuse(mosaic, chunks=CHUNK, backend="numpy")
+    with dask.config.set(scheduler="threads", num_workers=os.cpu_count()):
+        image[:CHUNK, :CHUNK].compute()
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            image.compute()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def test_copy_bandwidth(benchmark, copy_gbps: float) -> None:
+    import cupy
+
+    n = 1 << 30
+    src = cupy.ones(n, dtype=np.uint8)
+    dst = cupy.empty_like(src)
+
+    def copy() -> None:
+        cupy.copyto(dst, src)
+        cupy.cuda.Device().synchronize()
+
+    run_timed(benchmark, copy, ROUNDS, warmup_rounds=1)
+    assert int(dst[-1]) == 1
+    benchmark.extra_info.update(device_info(), bytes=2 * n, copy_GBps=round(copy_gbps, 1))
+
+
+def test_fusion_kernel_bandwidth(benchmark, synthetic, setup, copy_gbps: float) -> None:
+    import cupy
+
+    _, mosaic = synthetic
+    backend, params, plan = setup
+    chunks = [backend.upload(chunk_windows(mosaic, plan.chunk(idx)), plan.chunk(idx), params)
+              for idx in np.ndindex(*plan.numblocks) if len(plan.chunk(idx))]
+    out_bytes = sum(math.prod(c.shape) for c in chunks) * np.dtype(params.out_dtype).itemsize
+    moved = sum(c.packing.window_bytes for c in chunks) + out_bytes
+
+    def launch_all() -> None:
+        for c in chunks:
+            backend.launch(c, params)
+        cupy.cuda.Device().synchronize()
+
+    launch_all()  # warm-up: compilation
+    kernel_s = float(np.median([event_seconds(lambda: [backend.launch(c, params)
+                                                       for c in chunks]) for _ in range(5)]))
+    run_timed(benchmark, launch_all, ROUNDS, warmup_rounds=1)
+    gbps = moved / kernel_s / 1e9
+    benchmark.extra_info.update(
+        device_info(), chunks=len(chunks), bytes_moved=int(moved),
+        kernel_seconds=kernel_s, fusion_GBps=round(gbps, 1), copy_GBps=round(copy_gbps, 1),
+        fraction_of_copy=round(gbps / copy_gbps, 3),
+        Mpx_per_s=round(math.prod(mosaic.shape) / kernel_s / 1e6, 1))
+    assert gbps > 0
+
+
+def test_fusion_tiles_resident_vs_numpy(benchmark, synthetic, setup,
+                                        numpy_seconds: float) -> None:
+    import cupy
+
+    from gpufusion import fuse
+
+    _, mosaic = synthetic
+    backend, params, plan = setup
+    tiles = [cupy.asarray(t.source.read(tuple(slice(0, n) for n in t.shape)))
+             for t in mosaic.tiles]
+    tables = [plan.chunk(idx) for idx in np.ndindex(*plan.numblocks)]
+
+    def fuse_resident() -> list:
+        blocks = [backend.fuse_device_windows(chunk_windows(mosaic, t, tiles), t, params)
+                  for t in tables]
+        cupy.cuda.Device().synchronize()
+        return blocks
+
+    blocks = fuse_resident()  # warm-up, and a check against the NumPy backend
+    first = cupy.asnumpy(blocks[0])
+    expected = fuse(mosaic, chunks=CHUNK)[:first.shape[0], :first.shape[1]].compute()
+    assert np.abs(first.astype(np.int64) - expected).max() <= 1
+    del blocks
+    _, gpu_s = run_timed(benchmark, fuse_resident, ROUNDS)
+    mpx = math.prod(mosaic.shape) / 1e6
+    benchmark.extra_info.update(
+        device_info(), megapixels=round(mpx, 1), gpu_Mpx_per_s=round(mpx / gpu_s, 1),
+        numpy_seconds=numpy_seconds, numpy_Mpx_per_s=round(mpx / numpy_seconds, 1),
+        numpy_threads=os.cpu_count(), speedup=round(numpy_seconds / gpu_s, 1))
+
+
+def write_tiles(tmp: Path, n_tiles: int) -> Path:
+    """``n_tiles`` synthetic 2048^2 uint16 tiles as TIFF files plus a positions CSV."""
+    import tifffile
+
+    from gpufusion.synthetic import make_mosaic
+
+    rows = max(1, int(math.sqrt(n_tiles)))
+    cols = -(-n_tiles // rows)
+    syn = make_mosaic((rows, cols), (2048, 2048), overlap=0.1, dtype="uint16", seed=2)
+    lines = ["file,x,y"]
+    for k, (tile, (y, x)) in enumerate(zip(syn.tiles, syn.positions, strict=True)):
+        if k >= n_tiles:
+            break
+        tifffile.imwrite(tmp / f"tile_{k:04d}.tif", tile)
+        lines.append(f"tile_{k:04d}.tif,{float(x)!r},{float(y)!r}")
+    (tmp / "positions.csv").write_text("\n".join(lines) + "\n")
+    return tmp / "positions.csv"
+
+
+def test_whole_slide_tiff_to_ome_zarr(benchmark, tmp_path_factory) -> None:
+    import cupy
+    import zarr
+
+    from gpufusion import fuse
+    from gpufusion.backends import get_backend
+    from gpufusion.readers import mosaic_from_file
+    from gpufusion.writers.ome_zarr import write_ome_zarr
+
+    tmp = tmp_path_factory.mktemp("wsi")
+    t0 = time.perf_counter()
+    positions = write_tiles(tmp, WSI_TILES)
+    make_s = time.perf_counter() - t0
+    mosaic = mosaic_from_file(positions)
+    backend = get_backend("cupy")
+    backend.profile = True
+    fuse(mosaic, chunks=CHUNK, backend="cupy")[:CHUNK, :CHUNK].compute()  # warm-up
+    backend.reset_stage_times()
+
+    def run() -> Path:
+        image = fuse(mosaic, chunks=CHUNK, backend="cupy")
+        host = image.map_blocks(cupy.asnumpy, dtype=image.dtype,
+                                meta=np.empty((0, 0), dtype=image.dtype))
+        out = write_ome_zarr(host, tmp / "wsi.ome.zarr", axes=("y", "x"), chunks=CHUNK,
+                             overwrite=True)
+        cupy.cuda.Device().synchronize()
+        return out
+
+    out, seconds = run_timed(benchmark, run, 1)
+    mpx = math.prod(mosaic.shape) / 1e6
+    stages = {k: round(v, 3) for k, v in backend.stage_times().items()}
+    backend.profile = False
+    benchmark.extra_info.update(
+        device_info(), tiles=WSI_TILES, output_shape=list(mosaic.shape),
+        megapixels=round(mpx, 1), Mpx_per_s=round(mpx / seconds, 1),
+        tile_GBps=round(WSI_TILES * 2048 * 2048 * 2 / seconds / 1e9, 2),
+        tiff_write_seconds=round(make_s, 1), stages=stages)
+    level0 = zarr.open_array(str(out / "0"), mode="r")
+    assert tuple(level0.shape) == tuple(mosaic.shape)
+    corner = level0[:CHUNK, :CHUNK]
+    expected = fuse(mosaic, chunks=CHUNK)[:CHUNK, :CHUNK].compute()
+    assert np.abs(corner.astype(np.int64) - expected).max() <= 1

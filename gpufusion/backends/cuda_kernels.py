@@ -1,0 +1,454 @@
+"""CUDA kernel sources, their argument layout, cached getters and a CPU-side NVRTC compiler.
+
+Everything here imports without CuPy and without a GPU: the ``.cu`` files are read with
+:mod:`importlib.resources` (``kernels/`` is installed as ``gpufusion.kernels``), CuPy is
+imported only inside the cached getters, and :func:`nvrtc_compile` drives the NVRTC library
+of the ``nvidia-cuda-nvrtc`` wheel through :mod:`ctypes`, which needs no device (the tests
+compile every kernel for sm_80 and sm_90 this way on CPU-only CI).
+
+Kernels are compiled only through the cached getters :func:`fuse_kernel` and
+:func:`downsample_kernel`, keyed on dtypes, ndim, blend mode and interpolation, never on
+shapes: shapes are kernel arguments, so uneven edge chunks reuse the compiled kernel.
+
+The fusion kernel reads one buffer per chunk (:func:`fusion_packing`,
+:func:`pack_fusion_chunk`)::
+
+    [ idesc: k x (2 + 3 ndim) int64 | fdesc: k x (ndim^2 + ndim) float64 | pad | windows ]
+
+``idesc`` row: window element offset, translation flag, window shape, window origin
+(``win_lo``), tile shape; ``fdesc`` row: the inverse affine's linear part (row-major) and the
+chunk ``offset`` of :mod:`gpufusion.plan`. :func:`fusion_kernel_args` turns a packed buffer's
+address into the kernel's argument tuple; the CuPy backend and the host emulation in the
+tests both use it, so the layout is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.resources
+import importlib.util
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..blend import INTERP_CODES, MODE_CODES
+from ..plan import COVER_EPS, ChunkTable
+
+#: NVRTC options of every kernel. ``--fmad=false`` keeps each ``a * b + c`` a rounded multiply
+#: then a rounded add, as NumPy computes it (a fused multiply-add rounds once and drifts from
+#: the reference by an ulp); ``--std=c++17`` for ``if constexpr``.
+COMPILE_OPTIONS = ("--std=c++17", "--fmad=false")
+
+#: C++ spelling of the element types the kernels are instantiated for.
+CTYPES = {
+    "uint8": "unsigned char",
+    "int8": "signed char",
+    "uint16": "unsigned short",
+    "int16": "short",
+    "uint32": "unsigned int",
+    "int32": "int",
+    "float32": "float",
+    "float64": "double",
+}
+
+#: Tile dtypes the fusion kernel reads natively; others are converted to float32 on the host
+#: first (what the reference's per-pixel path does to every sample).
+FUSE_INPUT_DTYPES = ("uint8", "int8", "uint16", "int16", "float32")
+#: Dtypes the downsampling kernel handles natively, with the reference's accumulator.
+DOWNSAMPLE_ACCUMULATOR = {
+    "uint8": "float32", "int8": "float32", "uint16": "float32", "int16": "float32",
+    "float32": "float32", "uint32": "float64", "int32": "float64", "float64": "float64",
+}
+#: Algorithms of gpufusion.pyramid.downsample_mean2, by the kernel's ALGORITHM code.
+DOWNSAMPLE_ALGORITHMS = ("corners", "pairwise")
+#: Alignment of the windows section of a packed chunk, in bytes.
+WINDOW_ALIGN = 256
+
+
+def kernel_source(name: str) -> str:
+    """The CUDA source ``kernels/<name>.cu``."""
+    return importlib.resources.files("gpufusion.kernels").joinpath(f"{name}.cu").read_text()
+
+
+def kernel_names() -> list[str]:
+    """Names of all ``.cu`` files shipped in ``gpufusion.kernels``."""
+    root = importlib.resources.files("gpufusion.kernels")
+    return sorted(p.name[:-3] for p in root.iterdir() if p.name.endswith(".cu"))
+
+
+# ------------------------------------------------------------------------ fusion kernel
+
+
+def fusion_kernel_dtypes(in_dtype: Any, out_dtype: Any) -> tuple[str, str]:
+    """Element types the fusion kernel runs with for these tile and output dtypes.
+
+    Tiles of a dtype the kernel does not read natively are converted to float32 on the host
+    (the reference's per-pixel path converts every sample to float32 too). The kernel
+    writes ``out_dtype`` when it is the tile dtype or float32, else float32, which the
+    caller rounds and clips.
+    """
+    kin = np.dtype(in_dtype).name
+    kin = kin if kin in FUSE_INPUT_DTYPES else "float32"
+    out = np.dtype(out_dtype).name
+    kout = out if out in (kin, "float32") else "float32"
+    return kin, kout
+
+
+def fuse_name_expression(in_dtype: str, out_dtype: str, ndim: int, mode: str,
+                         interpolation: str) -> str:
+    """The C++ name of one ``fuse_chunk`` instantiation (a NVRTC name expression)."""
+    if ndim not in (2, 3):
+        raise ValueError(f"fuse_chunk: ndim must be 2 or 3, got {ndim}")
+    return (f"fuse_chunk<{CTYPES[in_dtype]}, {CTYPES[out_dtype]}, {ndim}, "
+            f"{MODE_CODES[mode]}, {INTERP_CODES[interpolation]}>")
+
+
+def fuse_instantiations() -> list[tuple[str, str, int, str, str]]:
+    """Every ``(in, out, ndim, mode, interpolation)`` the fusion kernel supports."""
+    out = []
+    for kin in FUSE_INPUT_DTYPES:
+        for kout in dict.fromkeys((kin, "float32")):
+            for ndim in (2, 3):
+                for mode in MODE_CODES:
+                    for interp in INTERP_CODES:
+                        out.append((kin, kout, ndim, mode, interp))
+    return out
+
+
+@dataclass(frozen=True)
+class FusionPacking:
+    """Where everything of one chunk lies in its packed buffer (offsets in bytes)."""
+
+    ndim: int
+    n_entries: int
+    window_dtype: np.dtype
+    fdesc_offset: int
+    windows_offset: int
+    nbytes: int
+    window_starts: np.ndarray  # element offset of each window in the windows section
+
+    @property
+    def idesc_columns(self) -> int:
+        return 2 + 3 * self.ndim
+
+    @property
+    def fdesc_columns(self) -> int:
+        return self.ndim * self.ndim + self.ndim
+
+    @property
+    def window_bytes(self) -> int:
+        """Bytes of pixel data in the buffer."""
+        return self.nbytes - self.windows_offset
+
+
+def fusion_packing(table: ChunkTable, window_dtype: Any) -> FusionPacking:
+    """Lay out the packed buffer of one chunk whose windows are read as ``window_dtype``."""
+    dtype = np.dtype(window_dtype)
+    ndim, k = len(table.shape), len(table)
+    sizes = np.prod(table.win_shape, axis=1, dtype=np.int64) if k else np.zeros(0, np.int64)
+    starts = np.zeros(k, dtype=np.int64)
+    if k:
+        np.cumsum(sizes[:-1], out=starts[1:])
+    fdesc = 8 * k * (2 + 3 * ndim)
+    windows = -(-(fdesc + 8 * k * (ndim * ndim + ndim)) // WINDOW_ALIGN) * WINDOW_ALIGN
+    nbytes = windows + int(sizes.sum()) * dtype.itemsize
+    return FusionPacking(ndim, k, dtype, fdesc, windows, nbytes, starts)
+
+
+def pack_descriptors(table: ChunkTable, packing: FusionPacking, buffer: np.ndarray) -> None:
+    """Write the descriptor section (``packing.windows_offset`` bytes) of a packed chunk."""
+    k, ndim = packing.n_entries, packing.ndim
+    if buffer.dtype != np.uint8 or buffer.ndim != 1 or buffer.size < packing.windows_offset:
+        raise ValueError("pack_descriptors: buffer must be 1-D uint8 of at least "
+                         f"{packing.windows_offset} bytes")
+    idesc = buffer[:packing.fdesc_offset].view(np.int64).reshape(k, packing.idesc_columns)
+    idesc[:, 0] = packing.window_starts
+    idesc[:, 1] = table.translation
+    idesc[:, 2:2 + ndim] = table.win_shape
+    idesc[:, 2 + ndim:2 + 2 * ndim] = table.win_lo
+    idesc[:, 2 + 2 * ndim:] = table.tile_shape
+    fend = packing.fdesc_offset + 8 * k * packing.fdesc_columns
+    fdesc = buffer[packing.fdesc_offset:fend].view(np.float64).reshape(k, packing.fdesc_columns)
+    fdesc[:, :ndim * ndim] = table.matrix.reshape(k, ndim * ndim)
+    fdesc[:, ndim * ndim:] = table.offset
+    buffer[fend:packing.windows_offset] = 0
+
+
+def window_views(pixels: Any, table: ChunkTable, packing: FusionPacking) -> list[Any]:
+    """Views of each window's place in the windows section ``pixels`` (NumPy or CuPy)."""
+    out = []
+    for start, shape in zip(packing.window_starts, table.win_shape, strict=True):
+        size = int(np.prod(shape))
+        out.append(pixels[int(start):int(start) + size].reshape(tuple(int(s) for s in shape)))
+    return out
+
+
+def pack_fusion_chunk(windows: Sequence[np.ndarray], table: ChunkTable,
+                      packing: FusionPacking, buffer: np.ndarray) -> None:
+    """Write the descriptors and the windows of one chunk into ``buffer`` (uint8, 1-D).
+
+    ``buffer`` may be longer than ``packing.nbytes`` (a reused pinned staging buffer).
+    Windows are converted to ``packing.window_dtype`` while copying.
+    """
+    if len(windows) != packing.n_entries:
+        raise ValueError(f"pack_fusion_chunk: {len(windows)} windows for "
+                         f"{packing.n_entries} entries")
+    if buffer.size < packing.nbytes:
+        raise ValueError(f"pack_fusion_chunk: buffer must hold {packing.nbytes} bytes")
+    pack_descriptors(table, packing, buffer)
+    pixels = buffer[packing.windows_offset:packing.nbytes].view(packing.window_dtype)
+    for win, dst in zip(windows, window_views(pixels, table, packing), strict=True):
+        if win.shape != dst.shape:
+            raise ValueError(f"pack_fusion_chunk: window shape {win.shape} differs from the "
+                             f"plan's {dst.shape}")
+        np.copyto(dst, win, casting="unsafe")
+
+
+def fusion_kernel_args(base: int, out: Any, packing: FusionPacking,
+                       shape: Sequence[int], blend_width: Sequence[float]) -> tuple:
+    """Arguments of ``fuse_chunk`` for a packed buffer at address ``base``.
+
+    ``out`` is the output (a CuPy array, or an address). Integers are passed as int64 and
+    floats as float64 NumPy scalars, matching the kernel's ``long long`` and ``double``.
+    """
+    s = [int(v) for v in shape] + [1] * (3 - len(shape))
+    w = [float(v) for v in blend_width] + [0.0] * (3 - len(blend_width))
+    return (np.uint64(base + packing.windows_offset), np.uint64(base),
+            np.uint64(base + packing.fdesc_offset), np.int64(packing.n_entries), out,
+            np.int64(s[0]), np.int64(s[1]), np.int64(s[2]),
+            np.float64(w[0]), np.float64(w[1]), np.float64(w[2]), np.float64(COVER_EPS))
+
+
+def launch_config(total: int, block: int = 256, max_blocks: int = 1 << 20) -> tuple[int, int]:
+    """``(blocks, threads)`` for a grid-stride kernel over ``total`` items."""
+    return max(1, min(-(-int(total) // block), max_blocks)), block
+
+
+# ------------------------------------------------------------------------ downsampling
+
+
+def downsample_name_expression(dtype: str, algorithm: str = "corners") -> str:
+    """The C++ name of one ``downsample_mean2`` instantiation."""
+    code = DOWNSAMPLE_ALGORITHMS.index(algorithm)
+    return (f"downsample_mean2<{CTYPES[dtype]}, {CTYPES[DOWNSAMPLE_ACCUMULATOR[dtype]]}, "
+            f"{code}>")
+
+
+def downsample_instantiations() -> list[tuple[str, str]]:
+    """Every ``(dtype, algorithm)`` the downsampling kernel supports."""
+    return [(d, a) for d in DOWNSAMPLE_ACCUMULATOR for a in DOWNSAMPLE_ALGORITHMS]
+
+
+def downsample_geometry(shape: Sequence[int], factors: Sequence[int]
+                        ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The 4-D view ``(shape4, factors4)`` the downsampling kernel works on, or None.
+
+    Neighbouring kept axes (factor 1, or length 1) are merged and leading axes of length 1
+    added; None when more than four axes remain (the caller falls back to the generic
+    array code).
+    """
+    merged: list[list[int]] = []
+    for n, f in zip(shape, factors, strict=True):
+        f = 1 if int(n) == 1 else int(f)
+        if f == 1 and merged and merged[-1][1] == 1:
+            merged[-1][0] *= int(n)
+        else:
+            merged.append([int(n), f])
+    if len(merged) > 4:
+        return None
+    merged = [[1, 1]] * (4 - len(merged)) + merged
+    return tuple(m[0] for m in merged), tuple(m[1] for m in merged)
+
+
+# ------------------------------------------------------------------------ cached getters
+
+
+class CacheInfo(NamedTuple):
+    """Statistics of a :class:`CachedGetter` (as ``functools.lru_cache`` reports them)."""
+
+    hits: int
+    misses: int
+    currsize: int
+
+
+class CachedGetter:
+    """A thread-safe memo around a kernel builder: one build per key, ever.
+
+    Unlike ``functools.lru_cache``, concurrent first calls with the same key (several dask
+    threads starting at once) build the kernel once: the others wait for it, and count as
+    hits. ``cache_info()`` and ``cache_clear()`` behave as lru_cache's.
+    """
+
+    def __init__(self, build: Callable[..., Any]) -> None:
+        self._build = build
+        self._cache: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+        self._hits = self._misses = 0
+        functools.update_wrapper(self, build)
+
+    def __call__(self, *key: Any) -> Any:
+        with self._lock:
+            if key in self._cache:
+                self._hits += 1
+                return self._cache[key]
+            self._misses += 1
+            value = self._cache[key] = self._build(*key)
+            return value
+
+    def cache_info(self) -> CacheInfo:
+        with self._lock:
+            return CacheInfo(self._hits, self._misses, len(self._cache))
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._hits = self._misses = 0
+
+
+@CachedGetter
+def fuse_kernel(in_dtype: str, out_dtype: str, ndim: int, mode: str, interpolation: str) -> Any:
+    """The compiled ``fuse_chunk`` kernel (a ``cupy.RawKernel``) for one configuration.
+
+    Keyed on dtypes (names), ndim, blend mode and interpolation only; CuPy compiles it once
+    per device on first use and caches the binary on disk.
+    """
+    import cupy
+
+    expr = fuse_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
+    module = cupy.RawModule(code=kernel_source("fuse"), options=COMPILE_OPTIONS,
+                            name_expressions=(expr,))
+    return module.get_function(expr)
+
+
+@CachedGetter
+def downsample_kernel(dtype: str, algorithm: str = "corners") -> Any:
+    """The compiled ``downsample_mean2`` kernel for ``dtype`` (a dtype name)."""
+    import cupy
+
+    expr = downsample_name_expression(dtype, algorithm)
+    module = cupy.RawModule(code=kernel_source("downsample"), options=COMPILE_OPTIONS,
+                            name_expressions=(expr,))
+    return module.get_function(expr)
+
+
+# ------------------------------------------------------------------------ NVRTC (no GPU)
+
+
+class NvrtcError(RuntimeError):
+    """NVRTC failed to compile; the message holds its log."""
+
+
+@dataclass(frozen=True)
+class NvrtcResult:
+    """What :func:`nvrtc_compile` produced."""
+
+    log: str
+    lowered_names: dict[str, str]
+    binary: bytes  # CUBIN for an sm_XX target, PTX for compute_XX
+
+
+def nvrtc_library_paths() -> tuple[Path, Path] | None:
+    """``(libnvrtc, libnvrtc-builtins)`` of the ``nvidia-cuda-nvrtc`` wheel, or None."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        for sub in ("cu13/lib", "cuda_nvrtc/lib"):
+            lib = Path(root) / sub
+            main = sorted(p for p in lib.glob("libnvrtc.so.*") if ".alt." not in p.name)
+            builtins = sorted(p for p in lib.glob("libnvrtc-builtins.so.*")
+                              if ".alt." not in p.name)
+            if main and builtins:
+                return main[0], builtins[0]
+    return None
+
+
+@functools.cache
+def _nvrtc() -> ctypes.CDLL:
+    paths = nvrtc_library_paths()
+    if paths is None:
+        raise OSError("the NVRTC library was not found (pip install 'nvidia-cuda-nvrtc==13.0.*')")
+    ctypes.CDLL(str(paths[1]), mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(str(paths[0]))
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def nvrtc_version() -> tuple[int, int]:
+    """Version of the NVRTC library found by :func:`nvrtc_library_paths`."""
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check(_nvrtc().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+    return major.value, minor.value
+
+
+def _check(status: int, what: str, log: str = "") -> None:
+    if status != 0:
+        msg = _nvrtc().nvrtcGetErrorString(status).decode()
+        raise NvrtcError(f"{what}: {msg}" + (f"\n{log}" if log else ""))
+
+
+def _strings(items: Sequence[str]) -> Any:
+    return (ctypes.c_char_p * max(1, len(items)))(*[s.encode() for s in items])
+
+
+def nvrtc_compile(source: str, *, name: str = "kernel.cu", name_expressions: Sequence[str] = (),
+                  arch: str = "sm_90", options: Sequence[str] = COMPILE_OPTIONS) -> NvrtcResult:
+    """Compile CUDA ``source`` with NVRTC on the host (no GPU needed).
+
+    Parameters
+    ----------
+    source : str
+    name : str
+        File name shown in diagnostics.
+    name_expressions : sequence of str
+        Template instantiations to force, e.g. ``"fuse_chunk<float, float, 2, 0, 0>"``.
+    arch : str
+        ``sm_XX`` produces CUBIN, ``compute_XX`` PTX.
+    options : sequence of str
+        NVRTC options besides the architecture (default :data:`COMPILE_OPTIONS`).
+
+    Returns
+    -------
+    NvrtcResult
+        The compiler log (empty when there is nothing to say), the mangled name of each name
+        expression and the binary.
+
+    Raises
+    ------
+    NvrtcError
+        With the compiler log, when compilation fails.
+    """
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+    _check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0,
+                                  None, None), "nvrtcCreateProgram")
+    try:
+        for expr in name_expressions:
+            _check(lib.nvrtcAddNameExpression(prog, expr.encode()), f"name expression {expr}")
+        opts = [f"--gpu-architecture={arch}", *options]
+        status = lib.nvrtcCompileProgram(prog, len(opts), _strings(opts))
+        size = ctypes.c_size_t()
+        _check(lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
+        buf = ctypes.create_string_buffer(max(1, size.value))
+        _check(lib.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
+        log = buf.value.decode(errors="replace").strip()
+        _check(status, f"compiling {name} for {arch}", log)
+        lowered = {}
+        for expr in name_expressions:
+            out = ctypes.c_char_p()
+            _check(lib.nvrtcGetLoweredName(prog, expr.encode(), ctypes.byref(out)),
+                   f"lowered name of {expr}")
+            lowered[expr] = out.value.decode()
+        kind = "CUBIN" if arch.startswith("sm_") else "PTX"
+        nbytes = ctypes.c_size_t()
+        _check(getattr(lib, f"nvrtcGet{kind}Size")(prog, ctypes.byref(nbytes)), f"{kind} size")
+        data = ctypes.create_string_buffer(nbytes.value)
+        _check(getattr(lib, f"nvrtcGet{kind}")(prog, data), kind)
+        return NvrtcResult(log, lowered, data.raw)
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -1,0 +1,316 @@
+"""CUDA backend: fuse each chunk with ``kernels/fuse.cu`` through CuPy.
+
+Per chunk (one dask task), :meth:`CupyBackend.fuse_task`
+
+1. reads the chunk's tile windows on the host (``task.read_windows()``),
+2. packs descriptors and windows into one pinned host buffer
+   (:func:`~gpufusion.backends.cuda_kernels.pack_fusion_chunk`),
+3. copies it to the device asynchronously on the calling thread's own non-blocking stream,
+4. launches ``fuse_chunk`` once for the whole chunk on that stream,
+5. waits for that stream only, and returns the block as a ``cupy.ndarray``.
+
+Each dask worker thread has its own stream and pinned staging buffer, so one thread's
+transfer overlaps another's kernel and nothing waits on the legacy default stream. The
+block is complete when returned, so consumers on other streams may use it at once.
+
+Set ``GPUFUSION_PROFILE=1`` (or ``backend.profile = True``) to time the device stages with
+CUDA events as well; :meth:`CupyBackend.stage_times` reports the breakdown.
+
+For tiles that stay on the device, :meth:`CupyBackend.upload` + :meth:`CupyBackend.launch`
+(a packed chunk kept resident) and :meth:`CupyBackend.fuse_device_windows` (windows that are
+``cupy.ndarray`` views of resident tiles) skip the host path. :func:`downsample_mean2_gpu`
+is the device twin of :func:`gpufusion.pyramid.downsample_mean2`.
+
+CuPy is imported when the backend is created, never at module import, so this module (and
+:func:`downsample_mean2_gpu`'s docs) import on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import cuda_kernels as ck
+from .numpy_ref import ALGORITHMS, FusionParams
+
+#: Threads per block of every kernel launch.
+BLOCK = 256
+
+
+@dataclass
+class StageTimes:
+    """Where the time of :meth:`CupyBackend.fuse_task` went, summed over chunks.
+
+    Host stages are wall-clock seconds summed over worker threads (they overlap each other
+    and the device): ``read`` is ``task.read_windows()`` (for memory-mapped TIFF tiles this
+    only maps pages; the disk reads then land in ``pack``), ``pack`` the copy into pinned
+    memory, ``launch`` enqueueing the copy and the kernel, ``wait`` the stream
+    synchronisation. ``h2d_s`` and ``kernel_s`` are device time from CUDA events, recorded
+    only while profiling.
+    """
+
+    chunks: int = 0
+    pixels: int = 0
+    bytes_h2d: int = 0
+    read_s: float = 0.0
+    pack_s: float = 0.0
+    launch_s: float = 0.0
+    wait_s: float = 0.0
+    h2d_s: float = 0.0
+    kernel_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **values: float) -> None:
+        with self._lock:
+            for k, v in values.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict[str, float]:
+        with self._lock:
+            return {k: getattr(self, k) for k in ("chunks", "pixels", "bytes_h2d", "read_s",
+                                                  "pack_s", "launch_s", "wait_s", "h2d_s",
+                                                  "kernel_s")}
+
+    def format(self) -> str:
+        """A short multi-line report."""
+        d = self.as_dict()
+        lines = [f"chunks {int(d['chunks'])}, {d['pixels'] / 1e6:.1f} Mpx, "
+                 f"{d['bytes_h2d'] / 2**20:.1f} MiB host->device"]
+        for key in ("read_s", "pack_s", "launch_s", "wait_s", "h2d_s", "kernel_s"):
+            lines.append(f"  {key[:-2]:<7} {d[key]:9.4f} s")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DeviceChunk:
+    """One chunk packed and resident in device memory, ready to launch."""
+
+    buffer: Any  # cupy.ndarray, uint8
+    packing: ck.FusionPacking
+    shape: tuple[int, ...]
+    kernel_dtypes: tuple[str, str]
+
+
+class CupyBackend:
+    """Fusion on an NVIDIA GPU (see the module docstring).
+
+    Parameters
+    ----------
+    profile : bool, optional
+        Record CUDA events per stage (default: the ``GPUFUSION_PROFILE`` environment
+        variable).
+    """
+
+    name = "cupy"
+
+    def __init__(self, profile: bool | None = None) -> None:
+        import cupy
+
+        self._cp = cupy
+        self._local = threading.local()
+        self.profile = bool(os.environ.get("GPUFUSION_PROFILE")) if profile is None else profile
+        self.times = StageTimes()
+
+    # -- the Backend protocol --------------------------------------------------------------
+
+    def empty_meta(self, ndim: int, dtype: np.dtype) -> Any:
+        """A zero-size ``cupy.ndarray`` (the dask ``meta`` of fused arrays)."""
+        return self._cp.empty((0,) * ndim, dtype=dtype)
+
+    def fuse_task(self, task: Any, params: FusionParams, algorithm: str = "auto") -> Any:
+        """Fuse one :class:`~gpufusion.fuse.ChunkTask` into a ``cupy.ndarray`` block."""
+        t0 = time.perf_counter()
+        windows = task.read_windows()
+        self.times.add(read_s=time.perf_counter() - t0)
+        return self.fuse_windows(windows, task.table, params, algorithm)
+
+    # -- building blocks -------------------------------------------------------------------
+
+    def fuse_windows(self, windows: Sequence[np.ndarray], table: Any, params: FusionParams,
+                     algorithm: str = "auto") -> Any:
+        """Fuse one chunk from host windows (its :class:`~gpufusion.plan.ChunkTable`).
+
+        ``algorithm`` is accepted for symmetry with the NumPy backend; the kernel's single
+        path equals both of its algorithms.
+        """
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: unknown {algorithm!r}; choose one of {ALGORITHMS}")
+        cp = self._cp
+        stream = self._stream()
+        out_dtype = np.dtype(params.out_dtype)
+        if len(table) == 0:
+            with stream:
+                out = cp.zeros(table.shape, dtype=out_dtype)
+            stream.synchronize()
+            return out
+        events = [cp.cuda.Event() for _ in range(3)] if self.profile else None
+        t0 = time.perf_counter()
+        kin, kout = ck.fusion_kernel_dtypes(windows[0].dtype, out_dtype)
+        packing = ck.fusion_packing(table, kin)
+        staging = self._staging(packing.nbytes)
+        ck.pack_fusion_chunk(windows, table, packing, staging)
+        t1 = time.perf_counter()
+        with stream:
+            if events:
+                events[0].record(stream)
+            device = cp.empty(packing.nbytes, dtype=np.uint8)
+            device.set(staging[:packing.nbytes], stream=stream)
+            if events:
+                events[1].record(stream)
+            out = self.launch(DeviceChunk(device, packing, tuple(table.shape), (kin, kout)),
+                              params)
+            if events:
+                events[2].record(stream)
+        t2 = time.perf_counter()
+        stream.synchronize()  # also keeps `staging` and `device` alive until used
+        t3 = time.perf_counter()
+        timing = {"chunks": 1, "pixels": math.prod(table.shape), "bytes_h2d": packing.nbytes,
+                  "pack_s": t1 - t0, "launch_s": t2 - t1, "wait_s": t3 - t2}
+        if events:
+            timing["h2d_s"] = cp.cuda.get_elapsed_time(events[0], events[1]) / 1e3
+            timing["kernel_s"] = cp.cuda.get_elapsed_time(events[1], events[2]) / 1e3
+        self.times.add(**timing)
+        return out
+
+    def fuse_device_windows(self, windows: Sequence[Any], table: Any,
+                            params: FusionParams) -> Any:
+        """Fuse one chunk from windows already in device memory (``cupy.ndarray`` views).
+
+        For tiles resident on the GPU: only the descriptors cross the bus; the windows are
+        copied into the chunk's buffer on the device. Everything is enqueued on the current
+        stream; nothing is synchronised.
+        """
+        cp = self._cp
+        if len(table) == 0:
+            return cp.zeros(table.shape, dtype=params.out_dtype)
+        kin, kout = ck.fusion_kernel_dtypes(windows[0].dtype, params.out_dtype)
+        packing = ck.fusion_packing(table, kin)
+        header = np.empty(packing.windows_offset, dtype=np.uint8)
+        ck.pack_descriptors(table, packing, header)
+        device = cp.empty(packing.nbytes, dtype=np.uint8)
+        # from pageable memory, ordered on the current stream; `header` is consumed on return
+        device[:packing.windows_offset].set(header, stream=cp.cuda.get_current_stream())
+        pixels = device[packing.windows_offset:].view(kin)
+        for win, dst in zip(windows, ck.window_views(pixels, table, packing), strict=True):
+            dst[...] = win
+        return self.launch(DeviceChunk(device, packing, tuple(table.shape), (kin, kout)),
+                           params)
+
+    def upload(self, windows: Sequence[np.ndarray], table: Any,
+               params: FusionParams) -> DeviceChunk:
+        """Pack one chunk and copy it to the device (synchronously): for resident benchmarks."""
+        kin, kout = ck.fusion_kernel_dtypes(windows[0].dtype, params.out_dtype)
+        packing = ck.fusion_packing(table, kin)
+        staging = np.empty(packing.nbytes, dtype=np.uint8)
+        ck.pack_fusion_chunk(windows, table, packing, staging)
+        return DeviceChunk(self._cp.asarray(staging), packing, tuple(table.shape), (kin, kout))
+
+    def launch(self, chunk: DeviceChunk, params: FusionParams) -> Any:
+        """Enqueue the fusion kernel for a resident chunk on the current stream.
+
+        Returns the output block (rounded and clipped to ``params.out_dtype``); nothing is
+        synchronised.
+        """
+        cp = self._cp
+        kin, kout = chunk.kernel_dtypes
+        kernel = ck.fuse_kernel(kin, kout, len(chunk.shape), params.mode, params.interpolation)
+        out = cp.empty(chunk.shape, dtype=kout)
+        args = ck.fusion_kernel_args(chunk.buffer.data.ptr, out, chunk.packing, chunk.shape,
+                                     params.blend_width)
+        grid, block = ck.launch_config(math.prod(chunk.shape), BLOCK)
+        kernel((grid,), (block,), args)
+        out_dtype = np.dtype(params.out_dtype)
+        return out if kout == out_dtype.name else cast_output_gpu(out, out_dtype)
+
+    def stage_times(self) -> dict[str, float]:
+        """The accumulated :class:`StageTimes` as a dict (see also ``self.times.format()``)."""
+        return self.times.as_dict()
+
+    def reset_stage_times(self) -> None:
+        self.times = StageTimes()
+
+    # -- per-thread resources --------------------------------------------------------------
+
+    def _stream(self) -> Any:
+        """This thread's non-blocking stream on the current device."""
+        dev = self._cp.cuda.runtime.getDevice()
+        streams = self._local.__dict__.setdefault("streams", {})
+        if dev not in streams:
+            streams[dev] = self._cp.cuda.Stream(non_blocking=True)
+        return streams[dev]
+
+    def _staging(self, nbytes: int) -> np.ndarray:
+        """This thread's pinned host buffer, grown to at least ``nbytes``."""
+        import cupyx
+
+        buf = getattr(self._local, "staging", None)
+        if buf is None or buf.size < nbytes:
+            size = max(nbytes, 2 * (buf.size if buf is not None else 0), 1 << 20)
+            buf = cupyx.empty_pinned((size,), dtype=np.uint8)
+            self._local.staging = buf
+        return buf
+
+
+def cast_output_gpu(values: Any, dtype: np.dtype) -> Any:
+    """Round half to even and clip float32 device ``values`` into ``dtype`` (the dtype policy;
+    the device twin of :func:`gpufusion.backends.numpy_ref.cast_output`)."""
+    import cupy
+
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iub":
+        info = np.iinfo(dtype)
+        return cupy.clip(cupy.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
+
+
+def downsample_mean2_gpu(arr: Any, factors: Sequence[int], algorithm: str = "corners") -> Any:
+    """2x mean downsampling of a CuPy array with ``kernels/downsample.cu``.
+
+    The GPU twin of :func:`gpufusion.pyramid.downsample_mean2`: same arguments, same result
+    (same accumulator, same order of operations, rint and clip for integers). Dtypes or
+    axis layouts the kernel does not handle (float16, 64-bit integers, more than four axes
+    after merging kept ones) run the reference's array code on the device instead.
+
+    Parameters
+    ----------
+    arr : cupy.ndarray
+        Integer or floating-point block.
+    factors : sequence of int
+        One factor (1 or 2) per axis.
+    algorithm : {"corners", "pairwise"}
+        Which of the reference's algorithms to mirror (they differ by float rounding only).
+
+    Returns
+    -------
+    cupy.ndarray
+        Shape ``ceil(n / f)`` per axis, dtype of ``arr``.
+    """
+    import cupy
+
+    from ..pyramid import downsample_mean2
+
+    factors = tuple(int(f) for f in factors)
+    if len(factors) != arr.ndim or any(f not in (1, 2) for f in factors):
+        raise ValueError(f"factors {factors} must be 1 or 2 for each of the {arr.ndim} axes")
+    if algorithm not in ck.DOWNSAMPLE_ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm!r} is not one of {ck.DOWNSAMPLE_ALGORITHMS}")
+    name = np.dtype(arr.dtype).name
+    geometry = ck.downsample_geometry(arr.shape, factors)
+    if name not in ck.DOWNSAMPLE_ACCUMULATOR or geometry is None or arr.size == 0:
+        return downsample_mean2(arr, factors, algorithm=algorithm)
+    shape4, factors4 = geometry
+    src = cupy.ascontiguousarray(arr)
+    out = cupy.empty(tuple(-(-n // f) for n, f in zip(arr.shape, factors, strict=True)),
+                     dtype=arr.dtype)
+    grid, block = ck.launch_config(out.size, BLOCK)
+    kernel = ck.downsample_kernel(name, algorithm)
+    kernel((grid,), (block,), (src, out, *(np.int64(v) for v in shape4),
+                               *(np.int64(v) for v in factors4)))
+    return out

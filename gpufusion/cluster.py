@@ -1,0 +1,157 @@
+"""Where fusion tasks run: the local threads, local GPUs, or a running Dask scheduler.
+
+:func:`connect` is a context manager around the three choices the command line offers:
+
+* neither ``gpus`` nor ``scheduler``: yields ``None``; dask uses its local threaded
+  scheduler (one process, all cores; with the ``cupy`` backend, all threads share the GPU).
+* ``gpus=[0, 1]``: starts a ``dask_cuda.LocalCUDACluster`` with one worker process per GPU
+  (each sees only its own device) and yields a ``distributed.Client`` on it.
+* ``scheduler="tcp://host:8786"``: yields a ``distributed.Client`` connected to it.
+
+Fusion tasks read their own tile windows from the tile sources (file paths for files read
+from disk), so no tile pixels pass through the scheduler; only the small per-chunk plans do.
+Every setup failure (dask-cuda missing, no GPU, an unreachable scheduler) becomes a one-line
+:class:`~gpufusion.errors.InputError`.
+
+Examples
+--------
+>>> with connect() as client:
+...     print(client)
+None
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from .errors import InputError
+
+#: Seconds to wait for a scheduler to answer.
+CONNECT_TIMEOUT = 10.0
+
+
+def parse_gpus(text: str) -> tuple[int, ...]:
+    """Parse a ``--gpus`` value such as ``"0,1"`` into device indices.
+
+    Examples
+    --------
+    >>> parse_gpus("0, 2")
+    (0, 2)
+    """
+    try:
+        gpus = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"--gpus: expected GPU indices such as 0,1, got {text!r}") from None
+    _check_gpus(gpus)
+    return gpus
+
+
+def _check_gpus(gpus: Sequence[int]) -> None:
+    if not gpus:
+        raise InputError("--gpus: give at least one GPU index, such as 0 or 0,1")
+    if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise InputError(f"--gpus: indices must be distinct and >= 0, got {list(gpus)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _device_count() -> int | None:
+    """Number of CUDA devices, or None when it cannot be told (no CuPy)."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # CUDARuntimeError: no driver or no device
+        return 0
+
+
+def _cluster_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, RuntimeError, ValueError, TimeoutError]
+    try:
+        import pynvml
+
+        errors.append(pynvml.NVMLError)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(errors)
+
+
+def local_gpu_cluster(gpus: Sequence[int], stack: ExitStack) -> Any:
+    """Start a ``LocalCUDACluster`` on ``gpus`` (closed by ``stack``) and return a Client."""
+    _check_gpus(gpus)
+    try:
+        from dask_cuda import LocalCUDACluster
+        from distributed import Client
+    except ImportError as exc:
+        raise InputError(f"--gpus needs dask-cuda and distributed (pip install "
+                         f"'gpufusion[gpu]'): {_one_line(exc)}") from None
+    count = _device_count()
+    if count == 0:
+        raise InputError("--gpus: no usable CUDA device on this machine")
+    if count is not None and max(gpus) >= count:
+        raise InputError(f"--gpus: GPU {max(gpus)} does not exist; this machine has {count} "
+                         f"(indices 0..{count - 1})")
+    try:
+        cluster = stack.enter_context(LocalCUDACluster(
+            CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus), n_workers=len(gpus)))
+        return stack.enter_context(Client(cluster))
+    except _cluster_errors() as exc:
+        raise InputError(f"--gpus {','.join(map(str, gpus))}: could not start the GPU "
+                         f"workers ({_one_line(exc)})") from None
+
+
+def remote_client(address: str, stack: ExitStack, timeout: float = CONNECT_TIMEOUT) -> Any:
+    """Connect a ``distributed.Client`` to ``address`` (closed by ``stack``)."""
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        raise InputError(f"--scheduler needs distributed (pip install 'gpufusion[gpu]'): "
+                         f"{_one_line(exc)}") from None
+    try:
+        return stack.enter_context(Client(address, timeout=timeout))
+    except _cluster_errors() as exc:
+        raise InputError(f"--scheduler {address}: cannot connect ({_one_line(exc)})") from None
+
+
+@contextmanager
+def connect(gpus: Sequence[int] | None = None, scheduler: str | None = None,
+            *, timeout: float = CONNECT_TIMEOUT) -> Iterator[Any]:
+    """Set up where dask runs fusion tasks; yields a ``distributed.Client`` or ``None``.
+
+    Parameters
+    ----------
+    gpus : sequence of int, optional
+        Local GPU indices: one ``dask_cuda`` worker process per GPU.
+    scheduler : str, optional
+        Address of a running Dask scheduler, e.g. ``tcp://10.0.0.5:8786``.
+    timeout : float
+        Seconds to wait for ``scheduler`` to answer.
+
+    Raises
+    ------
+    InputError
+        When both are given, or the cluster cannot be started or reached.
+
+    Examples
+    --------
+    >>> with connect(gpus=None, scheduler=None) as client:
+    ...     client is None
+    True
+    """
+    if gpus and scheduler:
+        raise InputError("--gpus and --scheduler are exclusive: start GPU workers locally, "
+                         "or connect to a running scheduler")
+    with ExitStack() as stack:
+        if scheduler:
+            yield remote_client(scheduler, stack, timeout)
+        elif gpus:
+            yield local_gpu_cluster(gpus, stack)
+        else:
+            yield None

@@ -1,0 +1,1 @@
+"""Host emulation of the CUDA kernels: ``kernels/*.cu`` compiled as C++ and run via ctypes."""

@@ -1,0 +1,314 @@
+"""The CuPy backend against the NumPy reference, and cluster / benchmark setup.
+
+Tests marked ``gpu`` need a usable CUDA device (``gpufusion.backends.gpu_status()``) and are
+skipped otherwise; they run the same seeded random cases as the host-emulation tests
+(tests/host_emulation/cases.py) through the real kernels. The unmarked tests check the
+cluster and benchmark plumbing that must behave on CPU-only machines too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpufusion import fuse
+from gpufusion.backends import cuda_kernels as ck
+from gpufusion.backends import get_backend, gpu_status
+from gpufusion.blend import BLEND_MODES, INTERPOLATIONS
+from gpufusion.cluster import connect, parse_gpus
+from gpufusion.errors import InputError
+from gpufusion.pyramid import downsample_mean2
+
+from .conftest import assert_close
+from .host_emulation import cases
+
+GPU_OK, GPU_WHY = gpu_status()
+needs_gpu = pytest.mark.skipif(not GPU_OK, reason=f"no usable GPU: {GPU_WHY}")
+
+
+def device_count() -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
+@pytest.fixture
+def cp():
+    """The cupy module (only requested by tests that are skipped without a GPU)."""
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture
+def backend():
+    from gpufusion.backends.cupy_backend import CupyBackend
+
+    return CupyBackend(profile=True)
+
+
+def gpu_fuse(backend):
+    import cupy
+
+    return lambda windows, table, params: cupy.asnumpy(backend.fuse_windows(windows, table,
+                                                                            params))
+
+
+# ---------------------------------------------------------------------- kernel vs reference
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("mode", BLEND_MODES)
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("layout", cases.LAYOUTS)
+def test_cupy_backend_matches_reference(backend, layout: str, ndim: int, mode: str,
+                                        interpolation: str) -> None:
+    differ = 0
+    for k, pair in enumerate(cases.DTYPE_PAIRS):
+        case = cases.make_case(layout, ndim, mode, interpolation, pair, 31 * k + ndim)
+        differ += cases.check_case(case, gpu_fuse(backend))["differ"]
+    if mode != "cosine":  # no transcendental: the kernel mirrors the reference exactly
+        assert differ == 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("pair", cases.FALLBACK_PAIRS, ids="-".join)
+def test_cupy_converted_dtypes_match_reference(backend, pair: tuple[str, str]) -> None:
+    for ndim in (2, 3):
+        case = cases.make_case("affine", ndim, "cosine", "linear", pair, 5 + ndim)
+        cases.check_case(case, gpu_fuse(backend), algorithm="general")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_resident_paths_match_reference(backend, cp) -> None:
+    """Chunks uploaded once, and windows already on the device, give the same blocks."""
+    def resident(windows, table, params):
+        if not len(table):
+            return cp.asnumpy(backend.fuse_windows(windows, table, params))
+        out = backend.launch(backend.upload(windows, table, params), params)
+        cp.cuda.Device().synchronize()
+        return cp.asnumpy(out)
+
+    def device_windows(windows, table, params):
+        out = backend.fuse_device_windows([cp.asarray(w) for w in windows], table, params)
+        cp.cuda.Device().synchronize()
+        return cp.asnumpy(out)
+
+    for fn, pair in [(resident, ("uint16", "uint16")), (device_windows, ("uint8", "float32")),
+                     (device_windows, ("float64", "float64"))]:
+        case = cases.make_case("affine", 3, "linear", "linear", pair, 21)
+        cases.check_case(case, fn, algorithm="general")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_fused_dask_array_is_cupy_backed(cp) -> None:
+    case = cases.make_case("subpixel", 2, "linear", "linear", ("uint16", "uint16"), 9)
+    image = fuse(case.mosaic, chunks=case.chunks, backend="cupy")
+    assert isinstance(image._meta, cp.ndarray)
+    result = image.compute()
+    assert isinstance(result, cp.ndarray)
+    expected = fuse(case.mosaic, chunks=case.chunks, backend="numpy").compute()
+    assert_close(cp.asnumpy(result), expected)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_uneven_edge_chunks_do_not_recompile(cp) -> None:
+    case = cases.make_case("affine", 2, "cosine", "nearest", ("uint8", "uint8"), 4)
+    ck.fuse_kernel.cache_clear()
+    image = fuse(case.mosaic, chunks=case.chunks, backend="cupy")
+    shapes = {tuple(c[i] for c, i in zip(image.chunks, idx, strict=True))
+              for idx in np.ndindex(*image.numblocks)}
+    assert len(shapes) >= 3, shapes  # full, ragged-row, ragged-column and corner blocks
+    result = cp.asnumpy(image.compute(scheduler="threads"))
+    info = ck.fuse_kernel.cache_info()
+    assert info.currsize == 1 and info.misses == 1, info
+    expected = fuse(case.mosaic, chunks=case.chunks, backend="numpy").compute()
+    assert_close(result, expected)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_stage_times_are_recorded(backend) -> None:
+    case = cases.make_case("translation", 3, "max", "linear", ("uint16", "uint16"), 2)
+    inputs = cases.chunk_inputs(case)
+    fuse_fn = gpu_fuse(backend)
+    for windows, table in inputs:
+        fuse_fn(windows, table, case.params)
+    times = backend.stage_times()
+    assert times["chunks"] == len(inputs)
+    assert times["pixels"] == sum(int(np.prod(t.shape)) for _, t in inputs)
+    assert times["kernel_s"] > 0 and times["h2d_s"] > 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("algorithm", ck.DOWNSAMPLE_ALGORITHMS)
+def test_downsample_gpu_matches_reference(cp, algorithm: str) -> None:
+    from gpufusion.backends.cupy_backend import downsample_mean2_gpu
+
+    rng = np.random.default_rng(3)
+    dtypes = [*ck.DOWNSAMPLE_ACCUMULATOR, "float16", "int64"]  # the last two: fallback
+    shapes = [(7,), (6, 9), (5, 8, 7), (3, 5, 6, 9), (2, 3, 5, 7, 6), (257, 1023)]
+    for dtype in dtypes:
+        for shape in shapes:
+            for factors in [(2,) * len(shape), (1,) + (2,) * (len(shape) - 1),
+                            tuple(1 + (i % 2) for i in range(len(shape)))]:
+                dt = np.dtype(dtype)
+                if dt.kind in "iu":
+                    hi = min(int(np.iinfo(dt).max), 2**40)
+                    block = rng.integers(0, hi, size=shape).astype(dt)
+                else:
+                    block = (rng.standard_normal(shape) * 100).astype(dt)
+                expected = downsample_mean2(block, factors, algorithm=algorithm)
+                actual = downsample_mean2_gpu(cp.asarray(block), factors, algorithm)
+                assert isinstance(actual, cp.ndarray) and actual.dtype == expected.dtype
+                tol = {"rtol": 1e-5, "atol": 1e-6} if dt.kind == "f" else {"rtol": 0, "atol": 1}
+                np.testing.assert_allclose(cp.asnumpy(actual).astype(np.float64),
+                                           expected.astype(np.float64), **tol,
+                                           err_msg=f"{dtype} {shape} {factors}")
+
+
+# ---------------------------------------------------------------------- several GPUs
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_gpu
+def test_two_worker_local_cuda_cluster(tmp_path: Path) -> None:
+    if device_count() < 2:
+        pytest.skip(f"needs 2 GPUs for a 2-worker LocalCUDACluster; this machine has "
+                    f"{device_count()}")
+    pytest.importorskip("dask_cuda", reason="dask-cuda is not installed")
+    import cupy
+    import tifffile
+    from distributed import get_task_stream
+
+    from gpufusion.readers import mosaic_from_file
+
+    case = cases.make_case("subpixel", 2, "linear", "linear", ("uint16", "uint16"), 12)
+    lines = ["file,x,y"]
+    for i, tile in enumerate(case.mosaic.tiles):
+        tifffile.imwrite(tmp_path / f"t{i}.tif", tile.source.read(
+            tuple(slice(0, n) for n in tile.shape)))
+        y, x = tile.affine[:2, 2]
+        lines.append(f"t{i}.tif,{float(x)!r},{float(y)!r}")
+    (tmp_path / "pos.csv").write_text("\n".join(lines) + "\n")
+    mosaic = mosaic_from_file(tmp_path / "pos.csv")
+    expected = fuse(mosaic, chunks=8, backend="numpy").compute(scheduler="threads")
+    with connect(gpus=[0, 1]) as client:
+        image = fuse(mosaic, chunks=8, backend="cupy")
+        host = image.map_blocks(cupy.asnumpy, dtype=image.dtype,
+                                meta=np.empty((0, 0), image.dtype))
+        with get_task_stream(client) as ts:
+            result = host.compute()
+    workers = {t["worker"] for t in ts.data if "gpufusion-fuse" in str(t["key"])}
+    assert len(workers) == 2, workers
+    assert_close(result, expected)
+
+
+# ---------------------------------------------------------------------- CPU-only plumbing
+
+
+def test_connect_without_options_runs_locally() -> None:
+    with connect() as client:
+        assert client is None
+
+
+def test_connect_rejects_both_options() -> None:
+    with pytest.raises(InputError, match="exclusive"), connect(gpus=[0], scheduler="tcp://x:1"):
+        pass
+
+
+@pytest.mark.parametrize("text", ["", "a", "0,0", "-1"])
+def test_parse_gpus_rejects_bad_lists(text: str) -> None:
+    with pytest.raises(InputError, match="--gpus"):
+        parse_gpus(text)
+
+
+@pytest.mark.skipif(GPU_OK, reason="checks the failure without a usable GPU")
+def test_gpus_without_gpu_is_one_line_input_error() -> None:
+    with pytest.raises(InputError, match="--gpus") as exc, connect(gpus=[0]):
+        pass
+    assert "\n" not in str(exc.value)
+
+
+def test_unreachable_scheduler_is_one_line_input_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(InputError, match="cannot connect") as exc, \
+            connect(scheduler=f"tcp://127.0.0.1:{port}", timeout=1):
+        pass
+    assert "\n" not in str(exc.value)
+
+
+def test_running_scheduler_fuses_like_local_threads() -> None:
+    distributed = pytest.importorskip("distributed")
+    case = cases.make_case("affine", 2, "linear", "linear", ("uint16", "uint16"), 6)
+    expected = fuse(case.mosaic, chunks=case.chunks).compute(scheduler="threads")
+    with distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=2,
+                                  dashboard_address=None) as cluster, \
+            connect(scheduler=cluster.scheduler_address) as client:
+        assert client is not None
+        result = fuse(case.mosaic, chunks=case.chunks).compute()
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_bench_runs_numpy_and_says_why_gpu_is_skipped() -> None:
+    from gpufusion.bench import format_table, run_benchmark
+
+    results, notes = run_benchmark((2, 2), 48, "uint8", 32, ("numpy", "cupy"), 1)
+    assert [r.backend for r in results] == (["numpy", "cupy"] if GPU_OK else ["numpy"])
+    assert results[0].speedup == 1.0
+    assert results[0].megapixels == pytest.approx(fuse_shape_mpx((2, 2), 48))
+    if not GPU_OK:
+        assert notes == [f"GPU skipped: {GPU_WHY}"]
+    assert "Mpx/s" in format_table(results)
+
+
+def test_bench_cli_without_gpu_says_why(capsys, monkeypatch) -> None:
+    from gpufusion import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", tuple(dict.fromkeys((*cli.COMMANDS, "bench"))))
+    args = ["bench", "--tiles", "1x2", "--tile", "40", "--chunk", "32", "--repeat", "1"]
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert "numpy" in out and "Mpx/s" in out
+    if not GPU_OK:
+        assert f"GPU skipped: {GPU_WHY}" in err and "\ncupy" not in out
+    assert cli.main([*args, "--plot", "out.jpg"]) == 2
+    assert "--plot" in capsys.readouterr().err
+
+
+def fuse_shape_mpx(tiles: tuple[int, int], tile: int) -> float:
+    from gpufusion.synthetic import make_mosaic
+
+    return float(np.prod(make_mosaic(tiles, (tile, tile), dtype="uint8").mosaic().shape)) / 1e6
+
+
+@pytest.mark.skipif(GPU_OK, reason="checks the failure without a usable GPU")
+def test_cupy_backend_without_gpu_is_input_error() -> None:
+    with pytest.raises(InputError, match="backend cupy"):
+        get_backend("cupy")
+
+
+def test_kernel_modules_import_without_cupy() -> None:
+    """Importing the CUDA modules neither imports CuPy nor compiles anything."""
+    code = ("import sys, gpufusion.backends.cupy_backend, gpufusion.backends.cuda_kernels as ck;"
+            "import gpufusion.cluster, gpufusion.bench;"
+            "print('cupy' in sys.modules, ck.fuse_kernel.cache_info().currsize)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONWARNINGS": "error"})
+    assert out.stdout.split() == ["False", "0"]

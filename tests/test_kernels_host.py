@@ -1,0 +1,310 @@
+"""The CUDA kernels, compiled as C++ for the host, against the NumPy references.
+
+``kernels/*.cu`` are compiled unchanged with g++ and a small shim (tests/host_emulation) and
+run through ctypes with the backend's own packing code, on seeded random layouts built by the
+real planner. Tolerances come from the shared dtype-keyed table; modes without a
+transcendental function must moreover match bit for bit (the kernel mirrors the reference's
+float32/float64 operations; compiling with contraction to FMA breaks exactly this).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from gpufusion import fuse
+from gpufusion.backends import cuda_kernels as ck
+from gpufusion.backends import get_backend
+from gpufusion.blend import BLEND_MODES, INTERP_CODES, INTERPOLATIONS, MODE_CODES
+from gpufusion.pyramid import downsample_mean2
+
+from .conftest import assert_close
+from .host_emulation import cases
+from .host_emulation.fake_cupy import build_fake_cupy
+from .host_emulation.harness import HostKernels, gxx_available
+
+pytestmark = pytest.mark.skipif(not gxx_available(), reason="g++ is not installed")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
+    """Every kernel instantiation, compiled once for the whole module."""
+    return HostKernels.build(tmp_path_factory.mktemp("host_kernels"), ck.fuse_instantiations(),
+                             ck.downsample_instantiations())
+
+
+# ---------------------------------------------------------------------- fusion kernel
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("mode", BLEND_MODES)
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("layout", cases.LAYOUTS)
+def test_fusion_kernel_matches_reference(host: HostKernels, layout: str, ndim: int, mode: str,
+                                         interpolation: str) -> None:
+    seed = 1000 * cases.LAYOUTS.index(layout) + 10 * ndim + 3 * MODE_CODES[mode] \
+        + INTERP_CODES[interpolation]
+    for k, pair in enumerate(cases.DTYPE_PAIRS):
+        case = cases.make_case(layout, ndim, mode, interpolation, pair, seed + 7919 * k)
+        stats = cases.check_case(case, host.fuse_chunk)
+        if mode != "cosine":
+            assert stats["differ"] == 0, f"{case.name}: not bit-identical: {stats}"
+
+
+@pytest.mark.parametrize("pair", cases.FALLBACK_PAIRS, ids="-".join)
+@pytest.mark.parametrize("layout", ["subpixel", "affine"])
+def test_converted_dtypes_match_reference(host: HostKernels, layout: str,
+                                          pair: tuple[str, str]) -> None:
+    """Tile dtypes read as float32 on the host, outputs rounded and clipped after the kernel.
+
+    Compared with the per-pixel reference: it converts every sample to float32 as the kernel
+    does, whereas the reference's slice-based translation path interpolates float64 (and
+    32-bit integer) tiles in float64.
+    """
+    for ndim in (2, 3):
+        case = cases.make_case(layout, ndim, "linear", "linear", pair, 77 + ndim)
+        cases.check_case(case, host.fuse_chunk, algorithm="general")
+
+
+@pytest.mark.parametrize("width", [0.0, (2.5, 7.0), (1.0, 3.0, 0.0)], ids=str)
+@pytest.mark.parametrize("mode", ["linear", "cosine"])
+def test_explicit_blend_widths(host: HostKernels, mode: str, width) -> None:
+    """Zero width (flat weights) and a different width per axis."""
+    ndim = 3 if np.ndim(width) and len(width) == 3 else 2
+    case = cases.make_case("subpixel", ndim, mode, "linear", ("uint16", "uint16"), 5,
+                           blend_width=width)
+    cases.check_case(case, host.fuse_chunk)
+
+
+def test_reference_algorithms_agree_with_kernel(host: HostKernels) -> None:
+    """The kernel equals both NumPy algorithms (per-pixel and slice-based translations)."""
+    for layout in ("translation", "subpixel"):
+        case = cases.make_case(layout, 2, "linear", "linear", ("uint16", "float32"), 11)
+        for algorithm in ("general", "separable"):
+            stats = cases.check_case(case, host.fuse_chunk, algorithm=algorithm)
+            assert stats["differ"] == 0, (layout, algorithm, stats)
+
+
+@pytest.mark.parametrize("block,max_blocks", [(32, 3), (1, 1), (256, 1 << 20)])
+def test_grid_stride_loop_covers_every_pixel(host: HostKernels, block: int,
+                                             max_blocks: int) -> None:
+    """Fewer threads than pixels: each thread walks the chunk in grid-sized steps."""
+    case = cases.make_case("affine", 2, "average", "linear", ("uint8", "uint8"), 3)
+    cases.check_case(case, lambda w, t, p: host.fuse_chunk(w, t, p, block=block,
+                                                           max_blocks=max_blocks))
+
+
+def test_overlaps_are_exercised() -> None:
+    """The random layouts really put several tiles in a chunk and leave some pixels empty."""
+    for ndim in (2, 3):
+        case = cases.make_case("affine", ndim, "linear", "linear", ("uint8", "uint8"), 1)
+        counts = [len(t) for _, t in cases.chunk_inputs(case)]
+        assert max(counts) >= 2 ** ndim // 2 + 1 and min(counts) <= 1
+
+
+def test_empty_chunk_is_zero(host: HostKernels) -> None:
+    case = cases.make_case("translation", 2, "linear", "linear", ("uint16", "uint16"), 0)
+    windows, table = cases.chunk_inputs(case)[0]
+    empty = type(table)(table.start, table.shape, table.tiles[:0], table.win_lo[:0],
+                        table.win_shape[:0], table.matrix[:0], table.offset[:0],
+                        table.tile_shape[:0], table.translation[:0])
+    out = host.fuse_chunk([], empty, case.params)
+    assert out.shape == table.shape and not out.any()
+
+
+# ---------------------------------------------------------------------- layout and constants
+
+
+def test_kernel_mode_codes_match_python() -> None:
+    source = ck.kernel_source("fuse")
+    for name, code in MODE_CODES.items():
+        assert re.search(rf"#define GF_MODE_{name.upper()} {code}\b", source), name
+    for name, code in INTERP_CODES.items():
+        assert re.search(rf"#define GF_INTERP_{name.upper()} {code}\b", source), name
+
+
+def test_packing_layout_round_trips() -> None:
+    case = cases.make_case("affine", 3, "linear", "linear", ("uint16", "uint16"), 2)
+    windows, table = max(cases.chunk_inputs(case), key=lambda wt: len(wt[1]))
+    packing = ck.fusion_packing(table, "uint16")
+    buf = np.zeros(packing.nbytes, dtype=np.uint8)
+    ck.pack_fusion_chunk(windows, table, packing, buf)
+    k = len(table)
+    idesc = buf[:packing.fdesc_offset].view(np.int64).reshape(k, -1)
+    np.testing.assert_array_equal(idesc[:, 2:5], table.win_shape)
+    np.testing.assert_array_equal(idesc[:, 5:8], table.win_lo)
+    np.testing.assert_array_equal(idesc[:, 8:11], table.tile_shape)
+    fdesc = buf[packing.fdesc_offset:packing.windows_offset].view(np.float64)[:k * 12]
+    np.testing.assert_array_equal(fdesc.reshape(k, 12)[:, 9:], table.offset)
+    assert packing.windows_offset % ck.WINDOW_ALIGN == 0
+    pixels = buf[packing.windows_offset:].view(np.uint16)
+    for win, start in zip(windows, idesc[:, 0], strict=True):
+        np.testing.assert_array_equal(pixels[start:start + win.size].reshape(win.shape), win)
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype,expected", [
+    ("uint16", "uint16", ("uint16", "uint16")),
+    ("uint16", "float32", ("uint16", "float32")),
+    ("uint8", "uint16", ("uint8", "float32")),
+    ("float64", "float64", ("float32", "float32")),
+    ("int32", "int32", ("float32", "float32")),
+])
+def test_kernel_dtype_choice(in_dtype: str, out_dtype: str, expected: tuple[str, str]) -> None:
+    assert ck.fusion_kernel_dtypes(in_dtype, out_dtype) == expected
+
+
+# ---------------------------------------------------------------------- downsampling
+
+
+def _random_block(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    dt = np.dtype(dtype)
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dt)
+    return (rng.standard_normal(shape) * 1000).astype(dt)
+
+
+@pytest.mark.parametrize("algorithm", ck.DOWNSAMPLE_ALGORITHMS)
+@pytest.mark.parametrize("dtype", list(ck.DOWNSAMPLE_ACCUMULATOR))
+def test_downsample_kernel_matches_reference(host: HostKernels, dtype: str,
+                                             algorithm: str) -> None:
+    rng = np.random.default_rng(len(dtype))
+    checked = 0
+    for shape in [(7,), (6, 9), (5, 8, 7), (3, 5, 6, 9), (2, 3, 5, 7, 6), (1, 5, 1, 6)]:
+        for factors in itertools.product((1, 2), repeat=len(shape)):
+            if ck.downsample_geometry(shape, factors) is None:
+                continue
+            block = _random_block(rng, shape, dtype)
+            expected = downsample_mean2(block, factors, algorithm=algorithm)
+            actual = host.downsample_mean2(block, factors, algorithm)
+            assert actual.dtype == expected.dtype
+            tol = {"rtol": 0, "atol": 0}  # identical operation order: exact
+            np.testing.assert_allclose(actual, expected, **tol, err_msg=f"{shape} {factors}")
+            checked += 1
+    assert checked == 65
+
+
+def test_downsample_constant_and_ragged_edges(host: HostKernels) -> None:
+    block = np.full((5, 7), 200, dtype=np.uint8)
+    np.testing.assert_array_equal(host.downsample_mean2(block, (2, 2)),
+                                  np.full((3, 4), 200, np.uint8))
+    a = np.array([[0, 2, 4], [2, 4, 7]], dtype=np.uint8)
+    np.testing.assert_array_equal(host.downsample_mean2(a, (2, 2)), [[2, 6]])
+    assert_close(host.downsample_mean2(a, (1, 2)), np.array([[1, 4], [3, 7]], np.uint8))
+
+
+def test_downsample_geometry_merges_kept_axes() -> None:
+    assert ck.downsample_geometry((2, 3, 5, 100, 90), (1, 1, 2, 2, 2)) == \
+        ((6, 5, 100, 90), (1, 2, 2, 2))
+    assert ck.downsample_geometry((100, 90), (2, 2)) == ((1, 1, 100, 90), (1, 1, 2, 2))
+    assert ck.downsample_geometry((1, 7, 9), (2, 1, 2)) == ((1, 1, 7, 9), (1, 1, 1, 2))
+    assert ck.downsample_geometry((4, 4, 4, 4, 4), (2, 1, 2, 1, 2)) is None
+
+
+# ---------------------------------------------------------------------- the CuPy backend's code
+
+
+@pytest.fixture
+def fake_gpu(host: HostKernels, monkeypatch: pytest.MonkeyPatch):
+    """CuPy replaced by NumPy plus the host-compiled kernels (tests/host_emulation)."""
+    cupy, cupyx = build_fake_cupy(host)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    caches = (ck.fuse_kernel, ck.downsample_kernel, get_backend)
+    for c in caches:
+        c.cache_clear()
+    yield cupy
+    for c in caches:
+        c.cache_clear()
+
+
+def test_cupy_backend_code_on_emulated_device(fake_gpu) -> None:
+    """CupyBackend's packing, arguments and casts, per chunk and for resident chunks."""
+    from gpufusion.backends.cupy_backend import CupyBackend
+
+    backend = CupyBackend(profile=True)
+    n_chunks = 0
+    pairs = cases.DTYPE_PAIRS + cases.FALLBACK_PAIRS
+    for k, (layout, mode, interp) in enumerate(itertools.product(
+            cases.LAYOUTS, BLEND_MODES, INTERPOLATIONS)):
+        case = cases.make_case(layout, 2 + k % 2, mode, interp, pairs[k % len(pairs)], k)
+        n_chunks += sum(len(t) > 0 for _, t in cases.chunk_inputs(case))
+        cases.check_case(case, lambda w, t, p: np.asarray(backend.fuse_windows(w, t, p)),
+                         algorithm="general")
+
+    def resident(windows, table, params):
+        if not len(table):
+            return backend.fuse_windows(windows, table, params)
+        return np.asarray(backend.launch(backend.upload(windows, table, params), params))
+
+    def device_windows(windows, table, params):
+        dev = [fake_gpu.asarray(w) for w in windows]
+        return np.asarray(backend.fuse_device_windows(dev, table, params))
+
+    case = cases.make_case("affine", 3, "cosine", "linear", ("uint16", "int16"), 3)
+    cases.check_case(case, resident)
+    case = cases.make_case("subpixel", 2, "linear", "nearest", ("float64", "float32"), 4)
+    cases.check_case(case, device_windows, algorithm="general")
+    times = backend.stage_times()
+    assert times["chunks"] == n_chunks
+    assert times["kernel_s"] == pytest.approx(0.5e-3 * n_chunks)
+    assert len(set(fake_gpu.builds)) == len(fake_gpu.builds)  # each kernel built once
+
+
+def test_fuse_graph_with_cupy_backend_on_emulated_device(fake_gpu) -> None:
+    """The dask graph with backend='cupy': device meta, one kernel for all chunk shapes."""
+    case = cases.make_case("subpixel", 2, "linear", "linear", ("uint16", "uint16"), 8)
+    image = fuse(case.mosaic, chunks=case.chunks, backend="cupy")
+    assert isinstance(image._meta, fake_gpu.ndarray)
+    shapes = {tuple(c[i] for c, i in zip(image.chunks, idx, strict=True))
+              for idx in np.ndindex(*image.numblocks)}
+    result = image.compute(scheduler="threads")
+    assert len(shapes) >= 3
+    assert ck.fuse_kernel.cache_info().misses == 1 and len(fake_gpu.builds) == 1
+    expected = fuse(case.mosaic, chunks=case.chunks, backend="numpy").compute()
+    assert_close(np.asarray(result), expected)
+
+
+def test_downsample_gpu_wrapper_on_emulated_device(fake_gpu) -> None:
+    from gpufusion.backends.cupy_backend import downsample_mean2_gpu
+
+    rng = np.random.default_rng(4)
+    for dtype in [*ck.DOWNSAMPLE_ACCUMULATOR, "float16", "int64"]:
+        for shape, factors in [((6, 9), (2, 2)), ((3, 5, 6, 9), (1, 2, 1, 2)),
+                               ((2, 3, 4, 5, 6), (2, 1, 2, 1, 2)), ((1, 7), (2, 2))]:
+            block = _random_block(rng, shape, dtype)
+            for algorithm in ck.DOWNSAMPLE_ALGORITHMS:
+                expected = downsample_mean2(block, factors, algorithm=algorithm)
+                actual = downsample_mean2_gpu(fake_gpu.asarray(block), factors, algorithm)
+                assert actual.dtype == expected.dtype
+                np.testing.assert_array_equal(np.asarray(actual), expected)
+    assert any(b.startswith("downsample_mean2<float,") for b in fake_gpu.builds)
+    with pytest.raises(ValueError, match="factors"):
+        downsample_mean2_gpu(fake_gpu.asarray(np.zeros((4, 4))), (2, 3))
+
+
+def test_bench_times_both_backends_on_emulated_device(fake_gpu, capsys, monkeypatch) -> None:
+    from gpufusion import cli
+    from gpufusion.plan import plan_fusion
+    from gpufusion.synthetic import make_mosaic
+
+    monkeypatch.setattr(cli, "COMMANDS", tuple(dict.fromkeys((*cli.COMMANDS, "bench"))))
+    assert cli.main(["bench", "--tiles", "2x2", "--tile", "40", "--chunk", "32", "--repeat", "2",
+                 "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "Host emulation" in out and "fusion kernels (device)" in out
+    from gpufusion.bench import run_benchmark
+
+    results, notes = run_benchmark((2, 2), 40, "uint16", 32, ("numpy", "cupy"), 2,
+                                   profile=True)
+    assert notes == [] and [r.backend for r in results] == ["numpy", "cupy"]
+    assert results[1].device == "Host emulation" and results[0].speedup == 1.0
+    plan = plan_fusion(make_mosaic((2, 2), (40, 40)).mosaic(), 32)
+    n_chunks = sum(len(plan.chunk(i)) > 0 for i in np.ndindex(*plan.numblocks))
+    assert results[1].stages is not None and results[1].stages["chunks"] == n_chunks
+    assert results[0].megapixels == results[1].megapixels == pytest.approx(
+        np.prod(plan.shape) / 1e6)
