@@ -33,7 +33,7 @@ def mosaic_from_file(
     ...     tifffile.imwrite(d / f"t{i}.tif", np.zeros((32, 32), np.uint8))
     >>> _ = (d / "pos.csv").write_text("file,x,y\\nt0.tif,0,0\\nt1.tif,28.5,0\\n")
     >>> mosaic_from_file(d / "pos.csv").shape
-    (32, 61)
+    (32, 60)
     """
     table = read_positions(path)
     sources = [open_tile(f) for f in table.files]

@@ -16,7 +16,10 @@ tile); copy them before modifying. Sources hold only the path and header facts, 
 pickling one is cheap and an unpickled source reads in any process.
 
 Singleton axes (``T=1``, ``C=1``, ``Z=1`` of OME-TIFF series) are squeezed. Multichannel
-images (RGB/RGBA, TIFF samples or channels) and time series are rejected for now.
+images (RGB/RGBA, TIFF samples or channels) and time series are rejected by :func:`open_tile`;
+:class:`CachedTileSource` is the base of sources decoded whole into the tile cache and
+:class:`PlanewiseSource` of sources decoded plane by plane (chosen TIFF pages in
+:mod:`gpufusion.readers.ome_tiff`, CZI sub-blocks in :mod:`gpufusion.readers.czi`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from gpufusion.errors import InputError
 from gpufusion.sources import Window
 
 __all__ = [
+    "CachedTileSource",
+    "PlanewiseSource",
     "DecodedTileSource",
     "MemmapTiffSource",
     "TileCacheInfo",
@@ -182,6 +187,10 @@ class _TileCache:
             self._nbytes = 0
             self._hits = 0
             self._misses = 0
+
+    def contains(self, key: tuple[Any, ...]) -> bool:
+        with self._lock:
+            return key in self._entries
 
     def info(self) -> TileCacheInfo:
         with self._lock:
@@ -373,7 +382,93 @@ class MemmapTiffSource(_FileSource):
         return view
 
 
-class DecodedTileSource(_FileSource):
+class CachedTileSource(_FileSource):
+    """Base of sources decoded whole on first read and kept in the process-wide tile cache.
+
+    Subclasses implement ``_decode() -> ndarray`` (the whole tile, of ``shape`` and
+    ``dtype``) and extend ``_key`` when one file holds several tiles (a page, sub-block or
+    channel index), so that each tile has its own cache entry. ``read(window)`` returns a
+    read-only view of the cached tile. Pickles as the path plus header facts.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> class Ramp(CachedTileSource):
+    ...     def _decode(self):
+    ...         return np.arange(6, dtype=self.dtype).reshape(self.shape)
+    >>> path = Path(tempfile.mkdtemp()) / "f"
+    >>> _ = path.write_bytes(b"x")
+    >>> st = path.stat()
+    >>> src = Ramp(path, (2, 3), np.dtype("uint8"), "ramp", (st.st_size, st.st_mtime_ns))
+    >>> src.read((slice(1, 2), slice(0, 3))).tolist()
+    [[3, 4, 5]]
+    """
+
+    def _decode(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self, window: Window) -> np.ndarray:
+        """Return the pixels in ``window`` as a read-only view of the cached tile."""
+        return _TILE_CACHE.get(self._key, self._decode)[tuple(window)]
+
+
+class PlanewiseSource(_FileSource):
+    """Base of tiles stored as separately decodable 2D planes (TIFF pages, CZI sub-blocks).
+
+    ``read(window)`` decodes only the Z planes the window needs, each once into the tile
+    cache, so a 3D tile larger than the cache is never decoded whole. Subclasses implement
+    ``_decode_planes(ks) -> list of (Y, X) arrays`` (planes missing from the cache, batched
+    so that a file is opened once per read). 3D reads return a new read-only array.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> class Planes(PlanewiseSource):
+    ...     def _decode_planes(self, ks):
+    ...         return [np.full(self.shape[1:], k, self.dtype) for k in ks]
+    >>> path = Path(tempfile.mkdtemp()) / "f"
+    >>> _ = path.write_bytes(b"x")
+    >>> src = Planes(path, (4, 2, 3), np.dtype("uint8"), "z", file_stamp(path))
+    >>> src.read((slice(1, 3), slice(0, 1), slice(0, 1))).ravel().tolist()
+    [1, 2]
+    """
+
+    def _decode_planes(self, ks: list[int]) -> list[np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _plane_key(self, k: int) -> tuple[Any, ...]:
+        return (*self._key, k)
+
+    def read(self, window: Window) -> np.ndarray:
+        """Return the pixels in ``window`` as a read-only array."""
+        window = tuple(window)
+        planar = len(self.shape) == 2
+        zs = [0] if planar else list(range(*window[0].indices(self.shape[0])))
+        rest = window if planar else window[1:]
+        decoded: dict[int, np.ndarray] = {}
+
+        def loader(k: int) -> Callable[[], np.ndarray]:
+            def load() -> np.ndarray:
+                if k not in decoded:  # decode every plane still missing, in one batch
+                    missing = [j for j in zs if j == k or
+                               (j not in decoded and not _TILE_CACHE.contains(self._plane_key(j)))]
+                    self._check_unchanged()
+                    decoded.update(zip(missing, self._decode_planes(missing), strict=True))
+                return np.ascontiguousarray(decoded.pop(k), dtype=self.dtype)
+
+            return load
+
+        planes = [_TILE_CACHE.get(self._plane_key(k), loader(k)) for k in zs]
+        if planar:
+            return planes[0][rest]
+        out = np.empty((len(zs), *np.empty(self.shape[1:], dtype=bool)[rest].shape), self.dtype)
+        for i, plane in enumerate(planes):
+            out[i] = plane[rest]
+        out.setflags(write=False)
+        return out
+
+
+class DecodedTileSource(CachedTileSource):
     """A tile decoded whole on first read and kept in the process-wide tile cache.
 
     Used for compressed or tiled TIFFs and for PNG/JPEG. Created by :func:`open_tile`.
@@ -423,10 +518,6 @@ class DecodedTileSource(_FileSource):
         if array.size != int(np.prod(self.shape)):
             raise _fail(self.path, f"decoded shape {array.shape} does not match {self.shape}")
         return np.ascontiguousarray(array.reshape(self.shape), dtype=self.dtype)
-
-    def read(self, window: Window) -> np.ndarray:
-        """Return the pixels in ``window`` as a read-only view of the cached tile."""
-        return _TILE_CACHE.get(self._key, self._decode)[tuple(window)]
 
 
 # --- opening ------------------------------------------------------------------------------
@@ -684,3 +775,34 @@ def open_tile(
     if head[:4] in _TIFF_MAGIC:
         return _open_tiff(file_path, tile_name, stamp)
     return _open_pillow(file_path, tile_name, stamp, head)
+
+
+# --- file stamps --------------------------------------------------------------------------
+
+
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Return ``(size, mtime_ns)`` of a file, the change stamp file sources keep.
+
+    Raises
+    ------
+    InputError
+        If the file is missing, not a regular file or unreadable.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "f.bin"
+    >>> _ = path.write_bytes(b"abc")
+    >>> file_stamp(path)[0]
+    3
+    """
+    file_path = Path(path)
+    try:
+        st = file_path.stat()
+    except FileNotFoundError:
+        raise _fail(file_path, "image file not found") from None
+    except OSError as exc:
+        raise _fail(file_path, f"cannot read image file ({exc.strerror or exc})") from None
+    if not file_path.is_file():
+        raise _fail(file_path, "not a file")
+    return int(st.st_size), int(st.st_mtime_ns)

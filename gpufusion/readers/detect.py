@@ -1,0 +1,201 @@
+"""One entry point for every input kind: :func:`read_tileset`.
+
+Detection, when ``format`` is not given:
+
+=====================================  ==============================================
+INPUT                                  format
+=====================================  ==============================================
+a folder, with ``grid=``               ``grid`` (images on a regular grid)
+a folder holding ``*.ome.tif(f)``      ``ome-tiff`` (stage positions in the OME-XML)
+``*.xml`` whose root is ``SpimData``   ``bigstitcher`` (BigStitcher / BDV dataset.xml)
+``*.czi`` (or ``ZISRAWFILE`` magic)    ``czi`` (mosaic sub-block positions)
+a TIFF file with OME-XML               ``ome-tiff`` (one multi-series file)
+``*.csv``                              ``csv`` (``file,x,y[,z]`` positions)
+any other text file                    ``tileconfig`` (Fiji TileConfiguration)
+=====================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import InputError
+from .images import open_tile
+from .positions import read_positions, read_positions_csv, read_tile_configuration
+from .tileset import TileSet, tileset_from_positions
+
+__all__ = ["FORMATS", "detect_format", "read_tileset"]
+
+#: Input formats :func:`read_tileset` reads, by the name ``format=`` takes.
+FORMATS = ("tileconfig", "csv", "ome-tiff", "bigstitcher", "czi", "grid")
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _head(path: Path, n: int = 4096) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _is_ome_tiff(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path, is_ome=False) as tif:
+            return bool(len(tif.pages)) and "<OME" in (tif.pages[0].description or "")
+    except Exception:  # not a readable TIFF: let the positions reader explain
+        return False
+
+
+def detect_format(path: str | os.PathLike[str], *, grid: object = None) -> str:
+    """Name the input format of ``path`` (one of :data:`FORMATS`).
+
+    Raises
+    ------
+    InputError
+        If the path does not exist, or is a folder with neither OME-TIFF files nor a
+        ``grid``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "tiles.csv").write_text("file,x,y\\n")
+    >>> detect_format(d / "tiles.csv"), detect_format(d, grid="2x2")
+    ('csv', 'grid')
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if grid is not None:
+            return "grid"
+        for _root, _dirs, names in os.walk(p):
+            if any(n.lower().endswith((".ome.tif", ".ome.tiff")) for n in names):
+                return "ome-tiff"
+        raise InputError(
+            f"{p}: folder without OME-TIFF files; for a folder of plain images give "
+            "--grid ROWSxCOLS (and --overlap), or pass a positions file, dataset.xml or .czi"
+        )
+    if grid is not None:
+        raise InputError(f"{p}: --grid needs a folder of images, not a file")
+    head = _head(p)
+    suffix = p.suffix.lower()
+    if suffix == ".czi" or head.startswith(b"ZISRAWFILE"):
+        return "czi"
+    if head[:4] in _TIFF_MAGIC:
+        if _is_ome_tiff(p):
+            return "ome-tiff"
+        raise InputError(
+            f"{p}: a TIFF without OME-XML positions; give a positions file (TileConfiguration "
+            "or CSV) or a folder with --grid"
+        )
+    if suffix == ".xml" or b"<SpimData" in head:
+        return "bigstitcher"
+    if suffix == ".csv":
+        return "csv"
+    return "tileconfig"
+
+
+def read_tileset(
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    grid: str | Sequence[int] | None = None,
+    overlap: float | Sequence[float] | None = None,
+    order: str = "raster",
+    pattern: str | None = None,
+    channel: int | str | None = None,
+    timepoint: int | None = None,
+    illumination: int | str | None = None,
+    pixel_size: float | Sequence[float] | None = None,
+    unit: str | None = None,
+) -> TileSet:
+    """Read any supported input into a :class:`TileSet`.
+
+    Parameters
+    ----------
+    path : path
+        Positions file (TileConfiguration, CSV), OME-TIFF folder or file, BigStitcher
+        ``dataset.xml``, ``.czi`` file, or a folder of images (with ``grid``).
+    format : {"tileconfig", "csv", "ome-tiff", "bigstitcher", "czi", "grid"}, optional
+        Skip detection (see :func:`detect_format`).
+    grid, overlap, order, pattern : optional
+        Grid layout for a folder of plain images (see :func:`~.grid.read_grid`);
+        ``overlap`` defaults to 0.1.
+    channel : int or str, optional
+        Keep only this channel (index or name); default every channel.
+    timepoint : int, optional
+        Time point to read (default the first) for OME-TIFF, CZI and BigStitcher.
+    illumination : int or "all", optional
+        BigStitcher illumination to read (default the first); ``"all"`` keeps all.
+    pixel_size : float or sequence of float, optional
+        Physical pixel size (index order, or one number). For positions files and grids it
+        is only metadata; for OME-TIFF and CZI it replaces the metadata's size (OME-TIFF
+        positions are converted with it); for BigStitcher it is the output pixel size.
+    unit : str, optional
+        Unit of ``pixel_size`` for positions files and grids (default micrometre).
+
+    Returns
+    -------
+    TileSet
+
+    Raises
+    ------
+    InputError
+        For an unknown format, options that do not apply to the input, and every
+        reader's own errors (one line naming the file).
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for i in range(2):
+    ...     tifffile.imwrite(d / f"t{i}.tif", np.zeros((32, 32), np.uint8))
+    >>> _ = (d / "pos.csv").write_text("file,x,y\\nt0.tif,0,0\\nt1.tif,28.5,0\\n")
+    >>> ts = read_tileset(d / "pos.csv")
+    >>> ts.n_tiles, ts.positions().tolist()
+    (2, [[0.0, 0.0], [0.0, 28.5]])
+    """
+    p = Path(path)
+    fmt = detect_format(p, grid=grid) if format is None else format
+    if fmt not in FORMATS:
+        raise InputError(f"--format: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt != "grid" and (grid is not None or overlap is not None or pattern is not None):
+        raise InputError(f"{p}: --grid, --overlap and --pattern apply only to --format grid")
+    if illumination is not None and fmt != "bigstitcher":
+        raise InputError(f"{p}: --illumination applies only to BigStitcher dataset.xml input")
+    if fmt == "grid":
+        if grid is None:
+            raise InputError(f"{p}: --format grid needs --grid ROWSxCOLS")
+        from .grid import read_grid
+
+        result = read_grid(p, grid, overlap=0.1 if overlap is None else overlap, order=order,
+                           pattern=pattern, pixel_size=pixel_size, unit=unit)
+    elif fmt in ("tileconfig", "csv"):
+        reader = {"tileconfig": read_tile_configuration, "csv": read_positions_csv}[fmt]
+        table = reader(p) if format is not None else read_positions(p)
+        if timepoint not in (None, 0):
+            raise InputError(f"{p}: positions files have one time point; --timepoint must be 0")
+        sources = [open_tile(f) for f in table.files]
+        result = tileset_from_positions(sources, table.positions, [str(f) for f in table.files],
+                                        p, pixel_size=pixel_size, unit=unit)
+    elif fmt == "ome-tiff":
+        from .ome_tiff import read_ome_tiff
+
+        result = read_ome_tiff(p, timepoint=timepoint, pixel_size=pixel_size)
+    elif fmt == "czi":
+        from .czi import read_czi
+
+        result = read_czi(p, timepoint=timepoint, pixel_size=pixel_size)
+    else:
+        from .bigstitcher import read_bigstitcher
+
+        return read_bigstitcher(p, channel=channel, timepoint=timepoint,
+                                illumination=illumination, pixel_size=pixel_size)
+    return result if channel is None else result.select_channel(channel)

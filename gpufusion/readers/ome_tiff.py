@@ -1,0 +1,671 @@
+"""OME-TIFF tiles placed by the stage positions in their OME-XML.
+
+Input: a folder of OME-TIFF files (searched recursively, ``*.ome.tif`` / ``*.ome.tiff``) or
+one (multi-series) OME-TIFF file. Every OME ``Image`` is a tile; its planes are located
+through its ``TiffData`` elements (``IFD``, ``FirstC/Z/T``, ``PlaneCount`` and
+``UUID FileName``, as in the OME-TIFF specification), so channels may sit in one file or
+one file each. The same Image listed in several files' XML (multi-file datasets, Leica
+exports) is read once. Single-channel Images whose file names differ only in a channel
+token (``--C00``/``--C01``, ``_C1``, ``_ch2``) are grouped into one multi-channel tile.
+
+Positions, in order of preference: ``Plane PositionX/PositionY[/PositionZ]`` of the plane
+``(C=0, Z=0, T=timepoint)`` with ``PositionXUnit`` etc. (default: the reference frame,
+taken as micrometres); ``Plane/StagePosition`` of the 2008-09 schema, which Leica LAS AF
+writes in **metres**; ``StageLabel X/Y/Z``. They are divided by ``PhysicalSizeX/Y/Z``
+(default unit micrometre; a missing ``PhysicalSizeZ`` is taken equal to X) to give pixels,
+and shifted so that the smallest is 0. Stage axes are assumed to point like image axes.
+Positions are what the metadata says, which is often tens of pixels off: register before
+fusing.
+
+Pixels: :func:`open_tiff_planes` opens chosen pages of TIFF files as one lazy tile
+(:class:`TiffPlanesSource`, decoded page by page into the tile cache);
+:func:`tiff_series_planes` locates the pages of one channel and time point of a TIFF
+series (also used for BigStitcher's file-map loader).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..layout import translation_affine
+from .grid import natural_key
+from .images import PlanewiseSource, _quiet_tifffile, file_stamp
+from .tileset import TileSet, length_to_um, normalise_pixel_size
+
+__all__ = ["TiffPlanesSource", "open_tiff_planes", "read_ome_tiff", "tiff_series_planes"]
+
+_CHANNEL_TOKEN = re.compile(r"(--|_|-)(C|c|CH|Ch|ch)(\d+)(?=$|[-_.])")
+_OME_SUFFIXES = (".ome.tif", ".ome.tiff")
+
+
+# --- chosen pages of TIFF files ----------------------------------------------------------
+
+
+def _file_error(path: Path | str, message: str) -> InputError:
+    return InputError(" ".join(f"{path}: {message}".split()))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class TiffPlanesSource(PlanewiseSource):
+    """Chosen pages of one or more TIFF files, stacked as the Z planes of one tile.
+
+    Created by :func:`open_tiff_planes`; used for one channel and time point of a
+    multi-page (OME-)TIFF, or for channels and planes stored one file each. Each file is
+    read on its own (its OME-XML ignored); each page is decoded once into the tile cache
+    when a window first needs it. ``path`` is the first plane's file; ``planes`` holds
+    ``(file, page index)`` for every plane.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> path = Path(tempfile.mkdtemp()) / "cyx.tif"
+    >>> tifffile.imwrite(path, np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+    ...                  photometric="minisblack")
+    >>> src = open_tiff_planes([(path, 1)])
+    >>> type(src).__name__, src.shape, src.read((slice(0, 1), slice(None))).tolist()
+    ('TiffPlanesSource', (3, 4), [[12, 13, 14, 15]])
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        name: str,
+        stamp: tuple[int, int],
+        planes: tuple[tuple[str, int], ...],
+    ) -> None:
+        super().__init__(path, shape, dtype, name, stamp)
+        self.planes = planes
+
+    @property
+    def _key(self) -> tuple[Any, ...]:
+        return (*super()._key, self.planes)
+
+    def _decode_planes(self, ks: list[int]) -> list[np.ndarray]:
+        import tifffile
+
+        out: dict[int, np.ndarray] = {}
+        by_file: dict[str, list[int]] = {}
+        for k in ks:
+            by_file.setdefault(self.planes[k][0], []).append(k)
+        for file, items in by_file.items():
+            try:
+                with _quiet_tifffile(), tifffile.TiffFile(file, is_ome=False) as tif:
+                    for k in items:
+                        out[k] = tif.pages[self.planes[k][1]].asarray().reshape(self.shape[-2:])
+            except Exception as exc:  # any decoder failure is a bad file
+                raise _file_error(
+                    file, f"cannot decode TIFF page ({type(exc).__name__}: {_one_line(exc)})"
+                ) from None
+        return [out[k] for k in ks]
+
+
+def _inspect_tiff_page(path: Path, tif: Any, index: int) -> tuple[tuple[int, int], np.dtype]:
+    """Check page ``index`` of an open TIFF: exists, 2D single-sample, decodable, complete."""
+    from tifffile import TIFF
+
+    if not 0 <= index < len(tif.pages):
+        raise _file_error(path, f"TIFF page {index} does not exist (the file has {len(tif.pages)})")
+    try:
+        page = tif.pages[index]
+        page = page.keyframe if page.keyframe is not None else page
+        shape = tuple(int(n) for n in page.shape)
+        samples = int(page.samplesperpixel)
+        dtype = page.dtype
+        compression = page.compression
+        page = tif.pages[index]
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        ends = offsets + np.asarray(page.databytecounts, dtype=np.int64)
+    except Exception as exc:  # corrupt IFDs surface here
+        raise _file_error(
+            path, f"corrupt TIFF page {index} ({type(exc).__name__}: {_one_line(exc)})"
+        ) from None
+    if samples != 1 or len(shape) != 2:
+        raise _file_error(
+            path,
+            f"TIFF page {index} has shape {shape} with {samples} samples per pixel; "
+            "expected a single-channel 2D plane",
+        )
+    if compression != 1 and compression not in TIFF.DECOMPRESSORS:
+        raise _file_error(
+            path,
+            f"TIFF compression {compression!r} cannot be decoded here "
+            "(it needs the 'imagecodecs' package)",
+        )
+    if ends.size and int(ends.max()) > tif.filehandle.size:
+        raise _file_error(
+            path,
+            f"TIFF is truncated: page {index} ends at byte {int(ends.max())}, "
+            f"file has {tif.filehandle.size} bytes",
+        )
+    if 0 in shape:
+        raise _file_error(path, f"TIFF page {index} is empty (shape {shape})")
+    if dtype is None or np.dtype(dtype).kind not in "biuf":
+        raise _file_error(path, f"pixel type {dtype} not supported; expected integer or float")
+    dtype = np.dtype(dtype)
+    return (shape[0], shape[1]), dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
+def open_tiff_planes(planes: Any, *, name: str | None = None) -> TiffPlanesSource:
+    """Open chosen TIFF pages as one lazy tile: 2D for one page, ``(Z, Y, X)`` for several.
+
+    Parameters
+    ----------
+    planes : sequence of (path, int)
+        ``(file, page index)`` of each plane in Z order. Files are read on their own
+        (OME-XML references to other files are ignored); page indices count the file's
+        IFDs from 0.
+    name : str, optional
+        The source's name; defaults to the first file's name.
+
+    Returns
+    -------
+    TiffPlanesSource
+        Pixels are read on the first ``read``, into the tile cache.
+
+    Raises
+    ------
+    InputError
+        If a file is missing or not a TIFF, a page does not exist, is not a single-sample
+        2D plane, is compressed with an unknown codec or truncated, or the planes differ
+        in shape or dtype. The message names the file.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for z in range(3):
+    ...     tifffile.imwrite(folder / f"z{z}.tif", np.full((4, 5), z, np.uint16))
+    >>> src = open_tiff_planes([(folder / f"z{z}.tif", 0) for z in range(3)])
+    >>> src.shape, src.read((slice(None), slice(0, 1), slice(0, 1))).ravel().tolist()
+    ((3, 4, 5), [0, 1, 2])
+    """
+    import tifffile
+
+    resolved = [(Path(file), int(page)) for file, page in planes]
+    if not resolved:
+        raise InputError("open_tiff_planes: no planes given")
+    facts: dict[Path, tuple[tuple[int, int], np.dtype]] = {}
+    by_file: dict[Path, list[int]] = {}
+    for file, page in resolved:
+        by_file.setdefault(file, []).append(page)
+    for file, pages in by_file.items():
+        file_stamp(file)
+        try:
+            tif = tifffile.TiffFile(file, is_ome=False)
+        except Exception as exc:  # tifffile raises several types for corrupt headers
+            raise _file_error(file, f"not a readable TIFF ({_one_line(exc)})") from None
+        with _quiet_tifffile(), tif:
+            for page in sorted(set(pages)):
+                found = _inspect_tiff_page(file, tif, page)
+                first = facts.setdefault(file, found)
+                if found != first:
+                    raise _file_error(file, f"TIFF page {page} differs in shape or dtype")
+    first_file = resolved[0][0]
+    plane_shape, dtype = facts[first_file]
+    for file, (other_shape, other_dtype) in facts.items():
+        if (other_shape, other_dtype) != (plane_shape, dtype):
+            raise _file_error(
+                file,
+                f"planes of shape {other_shape} {other_dtype} differ from {first_file.name} "
+                f"({plane_shape} {dtype}); all planes of a tile must match",
+            )
+    shape = plane_shape if len(resolved) == 1 else (len(resolved), *plane_shape)
+    return TiffPlanesSource(
+        first_file,
+        tuple(shape),
+        dtype,
+        first_file.name if name is None else name,
+        file_stamp(first_file),
+        tuple((str(file), page) for file, page in resolved),
+    )
+
+
+def tiff_series_planes(
+    path: str | os.PathLike[str], *, series: int = 0, channel: int = 0, timepoint: int = 0
+) -> list[tuple[Path, int]]:
+    """Locate the Z planes of one channel and time point of a TIFF series.
+
+    Series are tifffile's (OME Images, ImageJ hyperstacks, shaped stacks); pages of
+    multi-file OME series may sit in other files. ``Z``, ``I`` and ``Q`` axes are taken as
+    Z; other axes must have size 1. Feed the result to :func:`open_tiff_planes`.
+
+    Returns
+    -------
+    list of (Path, int)
+        ``(file, page index in that file)`` per Z plane.
+
+    Raises
+    ------
+    InputError
+        If the file is missing or not a TIFF, the series, channel or time point does not
+        exist, or the pixels have several samples (RGB).
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> path = Path(tempfile.mkdtemp()) / "tczyx.tif"
+    >>> stack = np.zeros((2, 3, 4, 8, 8), np.uint8)  # ImageJ order: T, Z, C, Y, X
+    >>> tifffile.imwrite(path, stack, imagej=True)
+    >>> [page for _, page in tiff_series_planes(path, channel=2, timepoint=1)]
+    [14, 18, 22]
+    """
+    import tifffile
+
+    file = Path(path)
+    file_stamp(file)
+    try:
+        tif = tifffile.TiffFile(file)
+    except Exception as exc:  # tifffile raises several types for corrupt headers
+        raise _file_error(file, f"not a readable TIFF ({_one_line(exc)})") from None
+    with _quiet_tifffile(), tif:
+        if not 0 <= series < len(tif.series):
+            raise _file_error(file, f"series {series} does not exist ({len(tif.series)} series)")
+        s = tif.series[series]
+        sizes = dict(zip(s.get_axes(False), s.get_shape(False), strict=True))
+        if sizes.get("S", 1) != 1:
+            raise _file_error(file, "RGB (multi-sample) TIFF pixels are not supported")
+        frame_axes = [(a, n) for a, n in sizes.items() if a not in "YXS"]
+        index: list[Any] = []
+        for axis, n in frame_axes:
+            want = channel if axis == "C" else timepoint if axis == "T" else None
+            if want is None:
+                index.append(range(n) if axis in "ZQI" or n == 1 else [0])
+            elif not 0 <= want < n:
+                raise _file_error(file, f"{axis} index {want} does not exist (size {n})")
+            else:
+                index.append([want])
+        dims = [n for _, n in frame_axes]
+        planes = []
+        for idx in np.ndindex(*(len(r) for r in index)):
+            chosen = tuple(r[i] for r, i in zip(index, idx, strict=True))
+            flat = int(np.ravel_multi_index(chosen, dims)) if dims else 0
+            page = s.pages[flat]
+            planes.append((Path(page.parent.filehandle.path), int(page.index)))
+    return planes
+
+
+# --- OME-XML ------------------------------------------------------------------------------
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _children(elem: ET.Element, name: str) -> list[ET.Element]:
+    return [e for e in elem if _local(e.tag) == name]
+
+
+def _number(elem: ET.Element, attr: str, where: str, default: float | None = None) -> Any:
+    text = elem.get(attr)
+    if text is None:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"{where}: {attr}={text!r} is not a number") from None
+
+
+@dataclass
+class _Image:
+    """One OME Image: sizes, physical sizes (µm), plane locations and positions (µm)."""
+
+    key: tuple[str, str]
+    label: str
+    sizes: dict[str, int]
+    physical: dict[str, float | None]
+    planes: dict[tuple[int, int, int], tuple[Path, int]]  # (c, z, t) -> (file, IFD)
+    positions: dict[tuple[int, int, int], dict[str, float]]  # (c, z, t) -> {x, y, z} µm
+    stage_label: dict[str, float]
+    channel_names: list[str]
+
+
+class _PageCounts:
+    """Number of IFDs per TIFF file, read once (for TiffData without IFD/PlaneCount)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Path, int] = {}
+
+    def get(self, path: Path, where: str) -> int:
+        if path not in self._counts:
+            import tifffile
+
+            if not path.is_file():
+                raise InputError(f"{where}: TiffData names {path.name!r}, which is not found")
+            try:
+                with _quiet_tifffile(), tifffile.TiffFile(path, is_ome=False) as tif:
+                    self._counts[path] = len(tif.pages)
+            except Exception as exc:  # tifffile raises several types for corrupt headers
+                message = " ".join(str(exc).split())
+                raise InputError(f"{path}: not a readable TIFF ({message})") from None
+        return self._counts[path]
+
+
+def _plane_order(order: str) -> list[str]:
+    """Axes from fastest to slowest varying among Z, C, T (``XYZCT`` -> ``Z, C, T``)."""
+    axes = [a for a in order.upper() if a in "ZCT"]
+    if sorted(axes) != ["C", "T", "Z"]:
+        raise InputError(f"DimensionOrder {order!r} is not a permutation of XY + ZCT")
+    return axes
+
+
+def _parse_image(image: ET.Element, xml_file: Path, counts: _PageCounts) -> _Image:
+    where = f"{xml_file}: Image {image.get('ID', '?')}"
+    pixels = next(iter(_children(image, "Pixels")), None)
+    if pixels is None:
+        raise InputError(f"{where}: no Pixels element")
+    sizes = {}
+    for axis in "XYZCT":
+        value = _number(pixels, f"Size{axis}", where, 1.0)
+        sizes[axis.lower()] = int(value)
+    physical: dict[str, float | None] = {}
+    for axis in "XYZ":
+        value = _number(pixels, f"PhysicalSize{axis}", where)
+        if value is not None and value > 0:
+            value = length_to_um(value, pixels.get(f"PhysicalSize{axis}Unit"),
+                                 f"{where} PhysicalSize{axis}Unit")
+        physical[axis.lower()] = value if value else None
+    fast_to_slow = _plane_order(pixels.get("DimensionOrder", "XYZCT"))
+    tiffdata = _children(pixels, "TiffData")
+    # TiffData may name channels beyond SizeC (Leica: SizeC=1 with a FirstC=1 in another
+    # file); grow the sizes to cover every plane the TiffData claim.
+    for td in tiffdata:
+        for axis in "ZCT":
+            first = int(_number(td, f"First{axis}", where, 0.0))
+            sizes[axis.lower()] = max(sizes[axis.lower()], first + 1)
+    dims = [sizes[a.lower()] for a in fast_to_slow]
+    total = int(np.prod(dims))
+
+    def unravel(linear: int) -> tuple[int, int, int]:
+        idx = dict(zip(fast_to_slow, np.unravel_index(linear, dims[::-1], order="C")[::-1],
+                       strict=True))
+        return int(idx["C"]), int(idx["Z"]), int(idx["T"])
+
+    planes: dict[tuple[int, int, int], tuple[Path, int]] = {}
+    if not tiffdata:
+        for linear in range(min(total, counts.get(xml_file, where))):
+            planes[unravel(linear)] = (xml_file, linear)
+    for td in tiffdata:
+        uuid = next(iter(_children(td, "UUID")), None)
+        name = uuid.get("FileName") if uuid is not None else None
+        file = (xml_file.parent / name) if name else xml_file
+        ifd = int(_number(td, "IFD", where, 0.0))
+        count = _number(td, "PlaneCount", where)
+        if count is None:
+            count = 1 if td.get("IFD") is not None else counts.get(file, where) - ifd
+        first = {a: int(_number(td, f"First{a}", where, 0.0)) for a in "ZCT"}
+        start = 0
+        for axis, dim in zip(reversed(fast_to_slow), reversed(dims), strict=True):
+            start = start * dim + first[axis]
+        for k in range(int(count)):
+            if start + k < total:
+                planes.setdefault(unravel(start + k), (file, ifd + k))
+    positions: dict[tuple[int, int, int], dict[str, float]] = {}
+    for plane in _children(pixels, "Plane"):
+        key = tuple(int(_number(plane, f"The{a}", where, 0.0)) for a in "CZT")
+        pos: dict[str, float] = {}
+        for axis in "XYZ":
+            value = _number(plane, f"Position{axis}", where)
+            if value is not None:
+                pos[axis.lower()] = length_to_um(
+                    value, plane.get(f"Position{axis}Unit"), f"{where} Position{axis}Unit"
+                )
+        stage = next(iter(_children(plane, "StagePosition")), None)
+        if not pos and stage is not None:
+            # OME 2008-09 StagePosition: Leica LAS AF writes metres.
+            for axis in "XYZ":
+                value = _number(stage, f"Position{axis}", where)
+                if value is not None:
+                    pos[axis.lower()] = value * 1e6
+        if pos:
+            positions[key] = pos  # type: ignore[index]
+    label_elem = next(iter(_children(image, "StageLabel")), None)
+    stage_label: dict[str, float] = {}
+    if label_elem is not None:
+        for axis in "XYZ":
+            value = _number(label_elem, axis, where)
+            if value is not None:
+                stage_label[axis.lower()] = length_to_um(
+                    value, label_elem.get(f"{axis}Unit"), f"{where} StageLabel {axis}Unit"
+                )
+    names = [ch.get("Name") or "" for ch in _children(pixels, "Channel")]
+    first_file = planes.get((0, 0, 0), (xml_file, 0))[0]
+    return _Image(
+        key=(str(first_file.resolve()), image.get("ID", "")),
+        label=image.get("Name") or image.get("ID", ""),
+        sizes=sizes, physical=physical, planes=planes, positions=positions,
+        stage_label=stage_label, channel_names=names,
+    )
+
+
+def _images_in_file(path: Path, counts: _PageCounts) -> list[_Image]:
+    import tifffile
+
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path, is_ome=False) as tif:
+            description = tif.pages[0].description if len(tif.pages) else ""
+    except Exception as exc:  # tifffile raises several types for corrupt headers
+        raise InputError(f"{path}: not a readable TIFF ({' '.join(str(exc).split())})") from None
+    if "<OME" not in description:
+        raise InputError(f"{path}: no OME-XML metadata in the first page; not an OME-TIFF")
+    try:
+        root = ET.fromstring(description)
+    except ET.ParseError as exc:
+        line, col = exc.position
+        raise InputError(f"{path}: corrupt OME-XML (line {line}, column {col})") from None
+    images = [e for e in root if _local(e.tag) == "Image"]
+    if not images:
+        if any(_local(e.tag) == "BinaryOnly" for e in root):
+            raise InputError(
+                f"{path}: the OME-XML is in a companion file (BinaryOnly); open a file "
+                "that carries the full OME-XML"
+            )
+        raise InputError(f"{path}: OME-XML has no Image")
+    return [_parse_image(image, path, counts) for image in images]
+
+
+def _list_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InputError(f"{path}: no such file or folder")
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        files += [Path(root) / n for n in names if n.lower().endswith(_OME_SUFFIXES)]
+    if not files:
+        raise InputError(f"{path}: no OME-TIFF files (*.ome.tif, *.ome.tiff) in this folder")
+    return sorted(files, key=lambda p: natural_key(p.relative_to(path).as_posix()))
+
+
+def _group_by_channel_token(images: list[_Image], root: Path) -> list[list[_Image]]:
+    """Group single-channel images whose file names differ only in a channel token."""
+    if any(img.sizes["c"] != 1 for img in images):
+        return [[img] for img in images]
+    groups: dict[str, list[tuple[int, _Image]]] = {}
+    for img in images:
+        file = Path(img.key[0])
+        stem = file.name
+        matches = list(_CHANNEL_TOKEN.finditer(stem))
+        if not matches:
+            return [[i] for i in images]
+        token = matches[-1]
+        key = str(file.parent / (stem[: token.start()] + stem[token.end():])) + img.key[1]
+        groups.setdefault(key, []).append((int(token.group(3)), img))
+    out = [[img for _, img in sorted(members, key=lambda m: m[0])] for members in groups.values()]
+    counts = {len(g) for g in out}
+    if len(counts) > 1:
+        detail = ", ".join(f"{Path(g[0].key[0]).name}: {len(g)}" for g in out[:6])
+        raise InputError(
+            f"{root}: inconsistent channel counts per tile ({detail}); every field needs "
+            "the same channel files"
+        )
+    return out
+
+
+def _tile_position(img: _Image, timepoint: int, where: str) -> dict[str, float]:
+    candidates = [(0, 0, timepoint)] + sorted(k for k in img.positions if k[2] == timepoint)
+    for key in candidates + sorted(img.positions):
+        if key in img.positions:
+            return img.positions[key]
+    if img.stage_label:
+        return img.stage_label
+    raise InputError(
+        f"{where}: no stage position (Plane PositionX/Y, StagePosition or StageLabel) in the "
+        "OME-XML; give positions with a TileConfiguration/CSV or --grid"
+    )
+
+
+def read_ome_tiff(
+    path: str | os.PathLike[str],
+    *,
+    channel: int | str | None = None,
+    timepoint: int | None = None,
+    pixel_size: float | Sequence[float] | None = None,
+) -> TileSet:
+    """Read OME-TIFF tiles and their stage positions into a :class:`TileSet`.
+
+    Parameters
+    ----------
+    path : path
+        A folder of OME-TIFF files (searched recursively) or one multi-series OME-TIFF.
+    channel : int or str, optional
+        Keep only this channel (index or name); default all channels.
+    timepoint : int, optional
+        Time index to read (default 0, the first).
+    pixel_size : float or sequence of float, optional
+        Physical pixel size in micrometres (one number, or one per axis in index order);
+        replaces ``PhysicalSizeX/Y/Z`` for converting positions to pixels.
+
+    Returns
+    -------
+    TileSet
+        2D (``Y, X``) or 3D (``Z, Y, X``) tiles with translation affines in pixels; the
+        pixel size in micrometres.
+
+    Raises
+    ------
+    InputError
+        For files that are not OME-TIFF, corrupt OME-XML, unknown units, missing physical
+        pixel sizes or stage positions, missing plane files, tiles of different pixel
+        sizes, or inconsistent channel counts. The message names the file.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for k, x_um in enumerate((0.0, 45.0)):
+    ...     tifffile.imwrite(d / f"tile{k}.ome.tif", np.zeros((64, 64), np.uint16),
+    ...                      metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5,
+    ...                                "Plane": {"PositionX": [x_um], "PositionY": [10.0]}})
+    >>> read_ome_tiff(d).positions().tolist()
+    [[0.0, 0.0], [0.0, 90.0]]
+    """
+    root = Path(path)
+    t = 0 if timepoint is None else int(timepoint)
+    counts = _PageCounts()
+    images: list[_Image] = []
+    seen: set[tuple[str, str]] = set()
+    for file in _list_files(root):
+        for img in _images_in_file(file, counts):
+            if img.key not in seen:
+                seen.add(img.key)
+                images.append(img)
+    groups = _group_by_channel_token(images, root)
+    n_channels = {sum(img.sizes["c"] for img in g) for g in groups}
+    if len(n_channels) > 1:
+        raise InputError(
+            f"{root}: inconsistent channel counts per tile ({sorted(n_channels)}); every tile "
+            "must have the same channels"
+        )
+    ndim = 3 if any(img.sizes["z"] > 1 for img in images) else 2
+    override = normalise_pixel_size(pixel_size, ndim, root)
+    sources: list[list[Any]] = [[] for _ in range(n_channels.pop())]
+    names, spacing, raw_positions = [], [], []
+    for group in groups:
+        first = group[0]
+        where = f"{first.key[0]} ({first.label})"
+        if t >= first.sizes["t"]:
+            raise InputError(f"{where}: timepoint {t} does not exist (SizeT={first.sizes['t']})")
+        c_out = 0
+        for img in group:
+            for c in range(img.sizes["c"]):
+                planes = []
+                for z in range(img.sizes["z"]):
+                    if (c, z, t) not in img.planes:
+                        raise InputError(f"{where}: no TIFF page for C={c} Z={z} T={t}")
+                    planes.append(img.planes[(c, z, t)])
+                sources[c_out].append(open_tiff_planes(planes, name=f"{img.label} C{c_out}"))
+                c_out += 1
+        sizes = tuple(first.physical[a] for a in "zyx"[3 - ndim:])
+        if override is not None:
+            sizes = override
+        elif any(s is None for s in sizes[-2:]):
+            raise InputError(
+                f"{where}: no PhysicalSizeX/PhysicalSizeY in the OME-XML; give --pixel-size"
+            )
+        spacing.append(sizes)
+        pos = _tile_position(first, t, where)
+        raw_positions.append([pos.get(a, 0.0) for a in "zyx"[3 - ndim:]])
+        names.append(_tile_name(first, root, len(groups)))
+    ref = spacing[0]
+    for k, sizes in enumerate(spacing):
+        if any((a is None) != (b is None) or (a and b and abs(a / b - 1) > 1e-6)
+               for a, b in zip(sizes, ref, strict=True)):
+            raise InputError(
+                f"{names[k]}: pixel size {sizes} µm differs from {names[0]} {ref}; all tiles "
+                "must share one pixel size"
+            )
+    pos_um = np.array(raw_positions, dtype=np.float64)
+    if ndim == 3 and ref[0] is None:  # no PhysicalSizeZ: taken as isotropic (= X)
+        if np.ptp(pos_um[:, 0]) > 0:
+            raise InputError(
+                f"{root}: PositionZ differs between tiles but PhysicalSizeZ is missing; "
+                "give --pixel-size"
+            )
+        ref = (ref[2], *ref[1:])
+    scale = np.array([s if s is not None else 1.0 for s in ref])
+    pixels = (pos_um - pos_um.min(axis=0)) / scale
+    affines = np.stack([translation_affine(p) for p in pixels])
+    channel_names = _channel_names(groups[0], len(sources))
+    tiles = TileSet(sources, affines, names, channel_names,
+                    tuple(float(s) for s in scale), "micrometer", root)
+    return tiles if channel is None else tiles.select_channel(channel)
+
+
+def _tile_name(img: _Image, root: Path, n_tiles: int) -> str:
+    file = Path(img.key[0])
+    if root.is_dir():
+        return file.relative_to(root.resolve()).as_posix()
+    return f"{file.name} {img.label}" if n_tiles > 1 else file.name
+
+
+def _channel_names(group: list[_Image], n: int) -> list[str]:
+    """Channel Names from the OME-XML, else the channel token of each channel's file."""
+    names: list[str] = []
+    for img in group:
+        files = {c: img.planes.get((c, 0, 0), (Path(img.key[0]), 0))[0]
+                 for c in range(img.sizes["c"])}
+        one_file_per_channel = len(group) > 1 or len(set(files.values())) == len(files) > 1
+        for c in range(img.sizes["c"]):
+            given = img.channel_names[c] if c < len(img.channel_names) else ""
+            token = list(_CHANNEL_TOKEN.finditer(Path(files[c]).name))
+            if not given and one_file_per_channel and token:
+                given = f"C{token[-1].group(3)}"
+            names.append(given or f"C{len(names)}")
+    if len(set(names)) != len(names):
+        names = [f"{name} ({k})" for k, name in enumerate(names)]
+    return names[:n]
