@@ -182,3 +182,26 @@ def test_demo_reports_error_against_ground_truth(tmp_path: Path, capsys) -> None
     # the demo replaces its own previous output
     assert run_cli(["demo", "--out", tmp_path, "--tiles", "1x2", "--tile", "64", "-q"],
                    capsys)[0] == 0
+
+
+def test_fuse_on_a_running_dask_cluster(tile_dir: Path, capsys) -> None:
+    """--scheduler: tasks run in worker processes and read their own tile windows."""
+    distributed = pytest.importorskip("distributed")
+    out = tile_dir / "out.ome.zarr"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        code, _, err = run_cli(["fuse", tile_dir / "pos.csv", "-o", out, "--chunk", "40",
+                                "--backend", "numpy", "--scheduler", cluster.scheduler_address],
+                               capsys)
+    assert code == 0, err
+    level0 = zarr.open_group(str(out), mode="r")["0"][...]
+    truth = np.load(tile_dir / "truth.npy")
+    assert psnr(level0[2:114, 2:114], truth[2:114, 2:114]) >= 40
+
+
+def test_unreachable_scheduler_is_a_clear_error(tile_dir: Path, capsys) -> None:
+    out = tile_dir / "out.ome.zarr"
+    code, _, err = run_cli(["fuse", tile_dir / "pos.csv", "-o", out, "--backend", "numpy",
+                            "--scheduler", "tcp://127.0.0.1:9"], capsys)
+    assert code == 2 and "--scheduler" in err.splitlines()[-1]
+    assert not out.exists()

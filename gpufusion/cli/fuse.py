@@ -9,6 +9,7 @@ from ..blend import BLEND_MODES, INTERPOLATIONS
 from ..errors import InputError
 from ..pipeline import FuseResult
 from . import common_options, notice, show_progress
+from .inputs import INPUT_HELP, add_input_options
 
 
 def positive_int(text: str) -> int:
@@ -90,10 +91,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "fuse",
         parents=[common_options()],
         help="fuse tiles listed in a positions file into an OME-Zarr image",
-        description="Fuse tiles listed in a Fiji TileConfiguration.txt or a positions CSV "
-        "(header file,x,y[,z]; pixel units) into a multiscale OME-Zarr image.",
+        description="Fuse microscope tiles (Fiji TileConfiguration, positions CSV, OME-TIFF "
+        "stage positions, BigStitcher dataset.xml, CZI mosaic, or a regular grid) into a "
+        "multiscale OME-Zarr image.",
     )
-    p.add_argument("input", help="TileConfiguration.txt (or .registered.txt) or positions CSV")
+    p.add_argument("input", help=INPUT_HELP)
     p.add_argument("-o", "--output", required=True, help="output folder, e.g. out.ome.zarr")
     p.add_argument(
         "--overwrite",
@@ -108,28 +110,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="physical pixel size written to the metadata (with --unit)",
     )
     p.add_argument("--unit", default="micrometer", help="unit of --pixel-size")
+    p.add_argument("--gpus", default=None, metavar="LIST",
+                   help="local GPUs to use, e.g. 0,1: one dask-cuda worker per GPU")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on an existing Dask cluster, e.g. tcp://host:8786")
+    add_input_options(p)
     add_fusion_options(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cluster import connect, parse_gpus
     from ..pipeline import check_output_path, fuse_to_ome_zarr
-    from ..readers import mosaic_from_file
+    from .inputs import tileset_from_args
 
     out = check_output_path(args.output, args.overwrite)
     if str(out).lower().endswith((".tif", ".tiff")):
         raise InputError(f"{out}: OME-TIFF output is not supported yet; write .ome.zarr")
-    unit = None
-    if args.pixel_size is not None:
-        if not args.pixel_size > 0:
-            raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
-        unit = args.unit
-    mosaic = mosaic_from_file(args.input, pixel_size=args.pixel_size, unit=unit)
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
+    tiles = tileset_from_args(args)
+    channels = tiles.mosaics()
+    mosaic = channels[0] if len(channels) == 1 else channels
     backend = resolve_backend_with_notice(args)
-    result = fuse_to_ome_zarr(mosaic, out, overwrite=args.overwrite,
-                              **fusion_kwargs(args, backend))
+    gpus = parse_gpus(args.gpus) if args.gpus else None
+    with connect(gpus=gpus, scheduler=args.scheduler) as client:
+        if client is not None:
+            notice(args, f"running on {client.dashboard_link or client.scheduler.address}")
+        kwargs = fusion_kwargs(args, backend)
+        if client is not None:
+            kwargs["progress"] = False  # the dashboard shows progress on a cluster
+        result = fuse_to_ome_zarr(mosaic, out, overwrite=args.overwrite, **kwargs)
     if not args.quiet:
-        print(summary(result, len(mosaic)))
+        print(summary(result, tiles.n_tiles))
     return 0
 
 
