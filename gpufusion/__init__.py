@@ -26,10 +26,11 @@ __version__ = "0.1.0"
 from .errors import InputError
 from .fuse import fuse
 from .layout import Mosaic, Tile, mosaic_from_affines, mosaic_from_positions
-from .pipeline import FuseResult, fuse_to_ome_zarr
+from .pipeline import FuseResult, fuse_to_file, fuse_to_ome_zarr
 from .plan import FusionPlan, plan_fusion
 from .readers import mosaic_from_file
 from .synthetic import make_mosaic
+from .writers.ome_tiff import write_ome_tiff
 from .writers.ome_zarr import write_ome_zarr
 
 __all__ = [
@@ -40,11 +41,13 @@ __all__ = [
     "Tile",
     "__version__",
     "fuse",
+    "fuse_to_file",
     "fuse_to_ome_zarr",
     "make_mosaic",
     "mosaic_from_affines",
     "mosaic_from_file",
     "mosaic_from_positions",
     "plan_fusion",
+    "write_ome_tiff",
     "write_ome_zarr",
 ]

@@ -19,6 +19,8 @@ from .backends import resolve_backend
 from .errors import InputError
 from .fuse import DEFAULT_CHUNK, fuse
 from .layout import Mosaic
+from .writers.ome_tiff import COMPRESSIONS as TIFF_COMPRESSIONS
+from .writers.ome_tiff import write_ome_tiff
 from .writers.ome_zarr import write_ome_zarr
 
 SPATIAL_AXES = {2: ("y", "x"), 3: ("z", "y", "x")}
@@ -50,7 +52,12 @@ def check_output_path(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def fuse_to_ome_zarr(
+def is_tiff_path(path: str | Path) -> bool:
+    """True for ``*.tif``/``*.tiff`` outputs (pyramidal OME-TIFF); else OME-Zarr."""
+    return str(path).lower().endswith((".tif", ".tiff"))
+
+
+def fuse_to_file(
     mosaic: Mosaic | Sequence[Mosaic],
     out: str | Path,
     *,
@@ -66,7 +73,11 @@ def fuse_to_ome_zarr(
     progress: bool = False,
     scheduler: Any = None,
 ) -> FuseResult:
-    """Fuse ``mosaic`` and write it to ``out`` as an OME-Zarr multiscale image.
+    """Fuse ``mosaic`` and write it to ``out`` as OME-Zarr or pyramidal OME-TIFF.
+
+    ``out`` ending in ``.tif``/``.tiff`` gives a tiled pyramidal OME-TIFF (BigTIFF, levels as
+    SubIFDs; ``compressor`` ``zlib``, ``lzw``, ``zstd`` or ``none``, any other value meaning
+    ``zlib``); anything else an OME-Zarr image (NGFF ``ngff_version``).
 
     The output is written under a temporary name and renamed to ``out`` only when complete;
     with ``overwrite`` an existing ``out`` is replaced only then.
@@ -77,7 +88,7 @@ def fuse_to_ome_zarr(
         One mosaic, or one per channel (same layout): channels are fused with the same
         plan and written as a leading ``c`` axis.
     out : path
-        Output folder, conventionally ``*.ome.zarr``.
+        ``*.ome.zarr`` (a folder) or ``*.ome.tif``.
     backend : {"numpy", "cupy", "auto"}
         ``auto`` picks the GPU when one is usable.
     ngff_version : {"0.4", "0.5"}
@@ -92,7 +103,7 @@ def fuse_to_ome_zarr(
     >>> from gpufusion.synthetic import make_mosaic
     >>> m = make_mosaic((2, 2), (64, 64)).mosaic()
     >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> fuse_to_ome_zarr(m, d / "m.ome.zarr", chunks=32).shape
+    >>> fuse_to_file(m, d / "m.ome.zarr", chunks=32).shape
     (121, 121)
     """
     out = check_output_path(out, overwrite)
@@ -115,9 +126,15 @@ def fuse_to_ome_zarr(
                                  meta=np.empty((0,) * image.ndim, image.dtype))
     pixel = first.pixel_size or (1.0,) * first.ndim
     origin = tuple(float(o) * p for o, p in zip(first.origin, pixel, strict=True))
-    write_ome_zarr(image, out, axes=axes, pixel_size=pixel, unit=first.unit, origin=origin,
-                   ngff_version=ngff_version, chunks=out_chunks, compressor=compressor,
-                   overwrite=overwrite, progress=progress, scheduler=scheduler)
+    common = {"axes": axes, "pixel_size": pixel, "unit": first.unit, "origin": origin,
+              "overwrite": overwrite, "progress": progress, "scheduler": scheduler}
+    if is_tiff_path(out):
+        tiff_codec = compressor if compressor in TIFF_COMPRESSIONS else "zlib"
+        write_ome_tiff(image, out, compression=tiff_codec, **common)
+    else:
+        write_ome_zarr(image, out, ngff_version=ngff_version, chunks=out_chunks,
+                       compressor=compressor, anisotropic_pyramid=first.pixel_size is not None,
+                       **common)
     seconds = time.perf_counter() - t0
     return FuseResult(out, tuple(image.shape), np.dtype(image.dtype), len(first), name,
                       seconds)
@@ -127,3 +144,7 @@ def _to_host(block: Any) -> np.ndarray:
     import cupy
 
     return cupy.asnumpy(block)
+
+
+#: The same function; the output format follows ``out``'s extension.
+fuse_to_ome_zarr = fuse_to_file

@@ -38,6 +38,10 @@ LevelFactorRule = Callable[[tuple[int, ...], Sequence[str]], tuple[int, ...]]
 
 _MAX_LEVELS = 64
 
+#: ``z`` is halved while its pixel size is at most this times the in-plane size (see
+#: :func:`pyramid_factors`): halving then brings ``p_z / p_xy`` nearer to 1 than keeping.
+_Z_TOLERANCE = 2**0.5
+
 
 def _accumulator_dtype(dtype: np.dtype) -> np.dtype:
     """Float dtype that holds every value of ``dtype`` closely enough to average it."""
@@ -179,8 +183,8 @@ def downsampled_shape(shape: Sequence[int], factors: Sequence[int]) -> tuple[int
 def default_level_factors(shape: Sequence[int], axes: Sequence[str]) -> tuple[int, ...]:
     """Factors for the next level: 2 on every spatial axis longer than 1, else 1.
 
-    This is the hook that anisotropy rules (e.g. keep ``z`` until ``y``/``x`` reach its
-    pixel size) will replace; see ``level_factors`` in :func:`pyramid_factors`.
+    Custom rules can replace it (``level_factors`` in :func:`pyramid_factors`); the
+    anisotropy rule for ``z`` (``pixel_size`` there) is applied on top of any rule.
 
     Examples
     --------
@@ -213,6 +217,7 @@ def pyramid_factors(
     axes: Sequence[str],
     *,
     level_factors: LevelFactorRule = default_level_factors,
+    pixel_size: Sequence[float] | None = None,
 ) -> list[tuple[int, ...]]:
     """Plan the levels below level 0.
 
@@ -230,6 +235,10 @@ def pyramid_factors(
     level_factors : callable, optional
         ``(shape, axes) -> factors`` for the next level; default
         :func:`default_level_factors`.
+    pixel_size : sequence of float, optional
+        Level-0 physical pixel size of each spatial axis (``z``, ``y``, ``x`` present in
+        ``axes``, in that order), any one unit. None (default): every spatial axis is
+        treated alike, whatever the voxel shape.
 
     Returns
     -------
@@ -237,27 +246,90 @@ def pyramid_factors(
         For levels 1, 2, ..., the factors relative to the level above. Empty when level 0
         already fits in one chunk.
 
+    Raises
+    ------
+    ValueError
+        If the lengths of ``shape``, ``chunks`` and ``axes`` differ, or ``pixel_size``
+        does not hold one positive number per spatial axis.
+
+    Notes
+    -----
+    With ``pixel_size`` given, ``z`` is halved at a level only when that leaves the voxel
+    closer to cubic: when its current size ``p_z`` is at most ``sqrt(2)`` times the current
+    in-plane size ``min(p_y, p_x)`` (the ratio ``p_z / p_xy`` is then nearer 1 after halving
+    ``z`` together with ``y`` and ``x`` than after halving only ``y`` and ``x``). So a stack
+    of 2 um planes with 0.5 um pixels keeps every plane until ``y``/``x`` have reached 2 um
+    (level 2) and is reduced on all three axes from then on; isotropic voxels and ``z``
+    finer than ``y``/``x`` are halved at every level, as without ``pixel_size``. When
+    ``y`` and ``x`` can no longer be reduced, ``z`` is, so the plan still ends in one chunk.
+
     Examples
     --------
     >>> pyramid_factors((1000, 731), (128, 128), ("y", "x"))
     [(2, 2), (2, 2), (2, 2)]
     >>> pyramid_factors((3, 300, 200), (1, 128, 128), ("c", "y", "x"))
     [(1, 2, 2), (1, 2, 2)]
+
+    2 um planes, 0.5 um pixels: ``z`` waits until ``y``/``x`` have reached 2 um.
+
+    >>> pyramid_factors((64, 4096, 4096), (16, 256, 256), "zyx", pixel_size=(2, 0.5, 0.5))
+    [(1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)]
     """
     if not len(shape) == len(chunks) == len(axes):
         raise ValueError(
             f"shape {tuple(shape)}, chunks {tuple(chunks)} and axes {tuple(axes)}"
             " must have the same length"
         )
+    sizes = _spatial_sizes(axes, pixel_size)
     current = tuple(int(n) for n in shape)
     plan: list[tuple[int, ...]] = []
     while not fits_in_one_chunk(current, chunks, axes) and len(plan) < _MAX_LEVELS:
         factors = tuple(int(f) for f in level_factors(current, axes))
+        if sizes is not None:
+            factors = _keep_z_sensible(factors, current, axes, sizes)
+            steps = zip(sizes.items(), _spatial(factors, axes), strict=True)
+            sizes = {name: size * f for (name, size), f in steps}
         if all(f == 1 for f in factors):
             break
         plan.append(factors)
         current = downsampled_shape(current, factors)
     return plan
+
+
+def _spatial(values: Sequence[int], axes: Sequence[str]) -> list[int]:
+    """The entries of ``values`` that belong to spatial axes, in order."""
+    return [v for v, name in zip(values, axes, strict=True) if name in SPATIAL_AXES]
+
+
+def _spatial_sizes(
+    axes: Sequence[str], pixel_size: Sequence[float] | None
+) -> dict[str, float] | None:
+    """``{axis name: pixel size}`` for the spatial axes, or None without ``pixel_size``."""
+    if pixel_size is None:
+        return None
+    names = [name for name in axes if name in SPATIAL_AXES]
+    values = [float(p) for p in pixel_size]
+    if len(values) != len(names) or not all(p > 0 and np.isfinite(p) for p in values):
+        raise ValueError(
+            f"pixel_size {tuple(pixel_size)} must be one positive number per spatial axis"
+            f" {tuple(names)}"
+        )
+    return dict(zip(names, values, strict=True))
+
+
+def _keep_z_sensible(
+    factors: tuple[int, ...], shape: tuple[int, ...], axes: Sequence[str], sizes: dict[str, float]
+) -> tuple[int, ...]:
+    """Turn a 2 on ``z`` into 1 while ``z`` is coarser than ``sqrt(2)`` x the in-plane size."""
+    index = {name: i for i, name in enumerate(axes)}
+    in_plane = [name for name in ("y", "x") if name in sizes]
+    if "z" not in sizes or factors[index["z"]] == 1 or not in_plane:
+        return factors
+    plane_shrinks = any(factors[index[n]] == 2 and shape[index[n]] > 1 for n in in_plane)
+    if plane_shrinks and sizes["z"] > _Z_TOLERANCE * min(sizes[n] for n in in_plane):
+        z = index["z"]
+        return factors[:z] + (1,) + factors[z + 1 :]
+    return factors
 
 
 def _regular_chunks(size: int, chunk: int) -> tuple[int, ...]:

@@ -163,7 +163,7 @@ def test_internal_errors_exit_1_with_traceback_under_debug(tile_dir: Path, capsy
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(gpufusion.pipeline, "fuse_to_ome_zarr", boom)
+    monkeypatch.setattr(gpufusion.pipeline, "fuse_to_file", boom)
     args = ["fuse", tile_dir / "pos.csv", "-o", tile_dir / "o.ome.zarr"]
     code, _, err = run_cli(args, capsys)
     assert code == 1 and "internal error" in err and "Traceback" not in err
@@ -205,3 +205,18 @@ def test_unreachable_scheduler_is_a_clear_error(tile_dir: Path, capsys) -> None:
                             "--scheduler", "tcp://127.0.0.1:9"], capsys)
     assert code == 2 and "--scheduler" in err.splitlines()[-1]
     assert not out.exists()
+
+
+def test_fuse_to_pyramidal_ome_tiff(tile_dir: Path, capsys) -> None:
+    out = tile_dir / "out.ome.tif"
+    code, _, err = run_cli(["fuse", tile_dir / "pos.csv", "-o", out, "--chunk", "32",
+                            "--backend", "numpy", "--pixel-size", "0.5"], capsys)
+    assert code == 0, err
+    with tifffile.TiffFile(out) as tif:
+        series = tif.series[0]
+        level0 = series.asarray()
+        assert tif.is_ome and len(series.levels) >= 1
+    ref = tile_dir / "ref.ome.zarr"
+    assert run_cli(["fuse", tile_dir / "pos.csv", "-o", ref, "-q", "--backend", "numpy"],
+                   capsys)[0] == 0
+    np.testing.assert_array_equal(level0, zarr.open_group(str(ref), mode="r")["0"][...])

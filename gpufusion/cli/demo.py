@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import zarr
 
-    from ..pipeline import fuse_to_ome_zarr
+    from ..pipeline import fuse_to_file
     from ..synthetic import make_mosaic
 
     if not 0 <= args.overlap < 1:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.overlap:.0%} overlap, sub-pixel positions "
             f"(made in {time.perf_counter() - t0:.2f} s)"
         )
-    result = fuse_to_ome_zarr(mosaic, out, overwrite=True, **fusion_kwargs(args, backend))
+    result = fuse_to_file(mosaic, out, overwrite=True, **fusion_kwargs(args, backend))
     fused = zarr.open_array(str(out / "0"), mode="r")[...]
     truth = syn.ground_truth(mosaic.origin, mosaic.shape)
     covered = syn.coverage(mosaic.origin, mosaic.shape)

@@ -80,9 +80,10 @@ def add_fusion_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--compression",
-        choices=("blosc-zstd", "blosc-lz4", "zstd", "none"),
+        choices=("blosc-zstd", "blosc-lz4", "zstd", "zlib", "lzw", "none"),
         default="blosc-zstd",
-        help="chunk compression (default: blosc-zstd)",
+        help="compression (default: blosc-zstd for OME-Zarr; OME-TIFF takes zlib, lzw, zstd "
+        "or none, and uses zlib for blosc-*)",
     )
 
 
@@ -96,7 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "multiscale OME-Zarr image.",
     )
     p.add_argument("input", help=INPUT_HELP)
-    p.add_argument("-o", "--output", required=True, help="output folder, e.g. out.ome.zarr")
+    p.add_argument("-o", "--output", required=True,
+                   help="out.ome.zarr (OME-Zarr folder) or out.ome.tif (pyramidal OME-TIFF)")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -121,12 +123,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cluster import connect, parse_gpus
-    from ..pipeline import check_output_path, fuse_to_ome_zarr
+    from ..pipeline import check_output_path, fuse_to_file
     from .inputs import tileset_from_args
 
     out = check_output_path(args.output, args.overwrite)
-    if str(out).lower().endswith((".tif", ".tiff")):
-        raise InputError(f"{out}: OME-TIFF output is not supported yet; write .ome.zarr")
     if args.pixel_size is not None and not args.pixel_size > 0:
         raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
     tiles = tileset_from_args(args)
@@ -140,14 +140,14 @@ def run(args: argparse.Namespace) -> int:
         kwargs = fusion_kwargs(args, backend)
         if client is not None:
             kwargs["progress"] = False  # the dashboard shows progress on a cluster
-        result = fuse_to_ome_zarr(mosaic, out, overwrite=args.overwrite, **kwargs)
+        result = fuse_to_file(mosaic, out, overwrite=args.overwrite, **kwargs)
     if not args.quiet:
         print(summary(result, tiles.n_tiles))
     return 0
 
 
 def fusion_kwargs(args: argparse.Namespace, backend: str) -> dict:
-    """Keyword arguments of :func:`gpufusion.fuse_to_ome_zarr` from the shared options."""
+    """Keyword arguments of :func:`gpufusion.fuse_to_file` from the shared options."""
     return {
         "chunks": args.chunk,
         "blend": args.blend,

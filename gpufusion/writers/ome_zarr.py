@@ -431,6 +431,7 @@ def write_ome_zarr(
     progress: bool = False,
     name: str = "gpufusion",
     scheduler: Any = None,
+    anisotropic_pyramid: bool = False,
 ) -> Path:
     """Write ``image`` and its 2x mean pyramid as an OME-Zarr image, atomically.
 
@@ -469,6 +470,11 @@ def write_ome_zarr(
         Name stored in the multiscales metadata.
     scheduler : optional
         Dask scheduler for the computations (None: dask's default).
+    anisotropic_pyramid : bool
+        Plan the levels from ``pixel_size``: ``z`` is halved only once its pixels are no
+        coarser than about the ``y``/``x`` pixels of that level (see
+        :func:`gpufusion.pyramid.pyramid_factors`). False (default): every spatial axis is
+        halved at every level.
 
     Returns
     -------
@@ -501,7 +507,12 @@ def write_ome_zarr(
     if not isinstance(image, da.Array):
         image = da.from_array(np.asarray(image), chunks=chunk_shape)
 
-    plan = pyramid_factors(image.shape, chunk_shape, geometry.axes)
+    plan = pyramid_factors(
+        image.shape,
+        chunk_shape,
+        geometry.axes,
+        pixel_size=geometry.pixel_size if anisotropic_pyramid else None,
+    )
     multiscale = _multiscale(geometry, _total_factors(plan, image.ndim), name, ngff_version)
     with (
         _atomic_directory(out, overwrite) as tmp,

@@ -1,0 +1,187 @@
+"""``gpufusion register INPUT -o positions.csv``: correct stage positions by registration.
+
+Writes the corrected positions as a CSV (``file,x,y[,z]``, pixels; direct ``fuse`` input)
+and the edge table beside it (``positions.edges.csv``); ``--report`` adds a picture of the
+layout (``.html``, ``.svg`` or ``.png``).
+
+``fuse --register`` reuses :func:`add_registration_options` and :func:`register_for_fuse`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import InputError
+from ..layout import Mosaic
+from . import common_options, notice
+
+if TYPE_CHECKING:
+    from ..registration import RegistrationResult
+
+
+def max_shift_value(text: str) -> tuple[float, ...]:
+    """``--max-shift``: one number, or one per axis as ``x,y[,z]``; returned in index order.
+
+    Examples
+    --------
+    >>> max_shift_value("15"), max_shift_value("20,10")
+    ((15.0,), (10.0, 20.0))
+    """
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or numbers x,y[,z] in pixels, got {text!r}") from None
+    if not values or not all(v >= 0 and v != float("inf") for v in values) or len(values) > 3:
+        raise argparse.ArgumentTypeError(
+            f"expected finite numbers >= 0 (one, or x,y[,z]), got {text!r}")
+    return values[::-1]
+
+
+def add_registration_options(p: argparse.ArgumentParser) -> None:
+    """Options of the registration itself (shared by ``register`` and ``fuse --register``)."""
+    p.add_argument(
+        "--max-shift",
+        type=max_shift_value,
+        default=None,
+        metavar="PX",
+        help="largest expected error of a neighbouring pair's offset, in pixels: one number "
+        "or x,y[,z] (per-tile stage errors of E px need 2E; default: 10%% of the tile size)",
+    )
+    p.add_argument(
+        "--min-ncc",
+        type=float,
+        default=0.1,
+        metavar="R",
+        help="drop pairs whose overlap correlation (NCC) is below R (default: 0.1)",
+    )
+    p.add_argument(
+        "--max-residual",
+        type=float,
+        default=2.0,
+        metavar="PX",
+        help="drop pairs that disagree with the solution by more than PX and solve again "
+        "(default: 2)",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="FILE",
+        help="also draw the layout with edges coloured by residual: .html, .svg or .png",
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "register",
+        parents=[common_options()],
+        help="correct stage positions by registering overlapping tiles",
+        description="Correct the stage positions of a tile set: phase correlation of every "
+        "overlapping pair, then a global least-squares solve with outlier rejection. Writes "
+        "the corrected positions as a CSV (file,x,y[,z]; pixels) that fuse reads, and the "
+        "per-pair table beside it (NAME.edges.csv).",
+    )
+    p.add_argument("input", help="TileConfiguration.txt or positions CSV (nominal positions)")
+    p.add_argument("-o", "--output", required=True, help="corrected positions CSV to write")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "numpy", "cupy"),
+        default="auto",
+        help="auto: the GPU when usable, else NumPy (default: auto)",
+    )
+    add_registration_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..readers import open_tile, read_positions
+    from ..registration import edges_path_for, write_positions_csv
+
+    out = Path(args.output)
+    source = Path(args.input)
+    if out.exists() and source.exists() and out.resolve() == source.resolve():
+        raise InputError(f"{out}: the output would overwrite the input positions file")
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; give the positions CSV to write")
+    if not out.parent.resolve().is_dir():
+        raise InputError(f"{out}: folder {out.parent} does not exist")
+    _check_report_path(args.report)
+    table = read_positions(source)
+    sources = [open_tile(f) for f in table.files]
+    for f, src in zip(table.files, sources, strict=True):
+        if len(src.shape) != table.ndim:
+            raise InputError(f"{f}: image is {len(src.shape)}D but {table.source} gives "
+                             f"{table.ndim}D positions")
+    from ..layout import mosaic_from_positions
+
+    mosaic = mosaic_from_positions(sources, table.positions,
+                                   names=[str(f) for f in table.files])
+    result = _register(args, mosaic, args.backend)
+    write_positions_csv(out, result.positions, table.files)
+    edges = result.write_edges_csv(edges_path_for(out))
+    if args.report:
+        result.write_report(args.report)
+    if not args.quiet:
+        print("\n".join([*result.summary().splitlines(),
+                         f"wrote {out} and {edges}" + (f" and {args.report}" if args.report
+                                                       else "")]))
+    return 0
+
+
+def _check_report_path(report: str | None) -> None:
+    from ..registration.report import REPORT_SUFFIXES
+
+    if report is None:
+        return
+    path = Path(report)
+    if path.suffix.lower() not in REPORT_SUFFIXES:
+        raise InputError(f"--report {report}: must end in {', '.join(REPORT_SUFFIXES)}")
+    if not path.parent.resolve().is_dir():
+        raise InputError(f"--report {report}: folder {path.parent} does not exist")
+
+
+def _register(args: argparse.Namespace, mosaic: Mosaic, backend: str) -> RegistrationResult:
+    """Run :func:`~gpufusion.registration.register_mosaic`, warnings shown as notices."""
+    from ..registration import RegistrationWarning, register_mosaic
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RegistrationWarning)
+        result = register_mosaic(
+            mosaic,
+            max_shift=None if args.max_shift is None else _per_axis(args.max_shift, mosaic),
+            backend=backend,
+            min_ncc=args.min_ncc,
+            max_residual=args.max_residual,
+        )
+    for w in caught:
+        if issubclass(w.category, RegistrationWarning):
+            notice(args, f"warning: {w.message}")
+        else:  # not ours: hand it back to the warnings machinery
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result
+
+
+def _per_axis(values: tuple[float, ...], mosaic: Mosaic) -> tuple[float, ...]:
+    if len(values) not in (1, mosaic.ndim):
+        raise InputError(f"--max-shift: give one number or {mosaic.ndim} (x,y[,z]), got "
+                         f"{len(values)}")
+    return values
+
+
+def register_for_fuse(args: argparse.Namespace, mosaic: Mosaic, backend: str) -> Mosaic:
+    """Register ``mosaic`` for ``fuse --register`` and return the corrected mosaic.
+
+    ``args`` carries the options of :func:`add_registration_options` (and ``quiet``);
+    ``backend`` is the fusion's resolved backend (``numpy`` or ``cupy``). The summary goes
+    to stderr as notices; ``--report`` is written when given.
+    """
+    _check_report_path(args.report)
+    result = _register(args, mosaic, backend)
+    for line in result.summary().splitlines():
+        notice(args, line)
+    if args.report:
+        result.write_report(args.report)
+    return result.mosaic
