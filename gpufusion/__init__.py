@@ -29,6 +29,7 @@ from .layout import Mosaic, Tile, mosaic_from_affines, mosaic_from_positions
 from .pipeline import FuseResult, fuse_to_file, fuse_to_ome_zarr
 from .plan import FusionPlan, plan_fusion
 from .readers import mosaic_from_file
+from .registration import RegistrationResult, register_mosaic
 from .synthetic import make_mosaic
 from .writers.ome_tiff import write_ome_tiff
 from .writers.ome_zarr import write_ome_zarr
@@ -38,6 +39,7 @@ __all__ = [
     "FusionPlan",
     "InputError",
     "Mosaic",
+    "RegistrationResult",
     "Tile",
     "__version__",
     "fuse",
@@ -48,6 +50,7 @@ __all__ = [
     "mosaic_from_file",
     "mosaic_from_positions",
     "plan_fusion",
+    "register_mosaic",
     "write_ome_tiff",
     "write_ome_zarr",
 ]

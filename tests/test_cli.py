@@ -220,3 +220,28 @@ def test_fuse_to_pyramidal_ome_tiff(tile_dir: Path, capsys) -> None:
     assert run_cli(["fuse", tile_dir / "pos.csv", "-o", ref, "-q", "--backend", "numpy"],
                    capsys)[0] == 0
     np.testing.assert_array_equal(level0, zarr.open_group(str(ref), mode="r")["0"][...])
+
+
+def test_fuse_with_registration_recovers_stage_errors(tmp_path: Path, capsys) -> None:
+    syn = make_mosaic((3, 3), (128, 128), overlap=0.15, stage_error=6.0, seed=8)
+    lines = ["file,x,y"]
+    for k, (tile, (y, x)) in enumerate(zip(syn.tiles, syn.stage_positions, strict=True)):
+        tifffile.imwrite(tmp_path / f"t{k}.tif", tile)
+        lines.append(f"t{k}.tif,{float(x)!r},{float(y)!r}")
+    (tmp_path / "stage.csv").write_text("\n".join(lines) + "\n")
+    code, _, err = run_cli(["fuse", tmp_path / "stage.csv", "-o", tmp_path / "r.ome.zarr",
+                            "--register", "--max-shift", "20", "--backend", "numpy"], capsys)
+    assert code == 0, err
+    assert "mean overlap NCC" in err
+    fused = zarr.open_group(str(tmp_path / "r.ome.zarr"), mode="r")["0"][...]
+    # registration fixes relative positions; find the global offset from the first tile
+    code, _, err = run_cli(["register", tmp_path / "stage.csv", "-o", tmp_path / "reg.csv",
+                            "--max-shift", "20", "-q"], capsys)
+    assert code == 0, err
+    reg = np.loadtxt(tmp_path / "reg.csv", delimiter=",", skiprows=1, usecols=(1, 2))[:, ::-1]
+    err_px = (reg - reg[0]) - (syn.positions - syn.positions[0])
+    assert np.sqrt(np.mean(err_px**2)) <= 0.2
+    origin = syn.positions[0] - reg[0] + np.floor(reg.min(axis=0))
+    truth = syn.ground_truth(origin, fused.shape)
+    inner = (slice(10, fused.shape[0] - 10), slice(10, fused.shape[1] - 10))
+    assert psnr(fused[inner], truth[inner]) >= 35

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from ..errors import InputError
 
-COMMANDS = ("demo", "fuse", "info", "bench")
+COMMANDS = ("demo", "fuse", "register", "info", "bench")
 
 
 def common_options() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from ..errors import InputError
 from ..pipeline import FuseResult
 from . import common_options, notice, show_progress
 from .inputs import INPUT_HELP, add_input_options
+from .register import add_registration_options, register_channels
 
 
 def positive_int(text: str) -> int:
@@ -118,6 +119,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run on an existing Dask cluster, e.g. tcp://host:8786")
     add_input_options(p)
     add_fusion_options(p)
+    p.add_argument("--register", action="store_true",
+                   help="correct the positions by registration before fusing")
+    add_registration_options(p)
     p.set_defaults(run=run)
 
 
@@ -131,8 +135,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
     tiles = tileset_from_args(args)
     channels = tiles.mosaics()
-    mosaic = channels[0] if len(channels) == 1 else channels
     backend = resolve_backend_with_notice(args)
+    if args.register:
+        channels = register_channels(args, channels, tiles.channel_names, backend)
+    mosaic = channels[0] if len(channels) == 1 else channels
     gpus = parse_gpus(args.gpus) if args.gpus else None
     with connect(gpus=gpus, scheduler=args.scheduler) as client:
         if client is not None:

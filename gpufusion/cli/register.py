@@ -14,9 +14,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..errors import InputError
 from ..layout import Mosaic
 from . import common_options, notice
+from .inputs import INPUT_HELP, add_input_options
 
 if TYPE_CHECKING:
     from ..registration import RegistrationResult
@@ -72,6 +75,19 @@ def add_registration_options(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="also draw the layout with edges coloured by residual: .html, .svg or .png",
     )
+    p.add_argument(
+        "--reg-channel",
+        default="0",
+        metavar="C",
+        help="channel to register on, by index or name; all channels get the result "
+        "(default: 0)",
+    )
+
+
+def registration_channel(args: argparse.Namespace) -> int | str:
+    """``--reg-channel`` as an index when it is a number, else a channel name."""
+    text = str(args.reg_channel)
+    return int(text) if text.isdigit() else text
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -84,8 +100,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "the corrected positions as a CSV (file,x,y[,z]; pixels) that fuse reads, and the "
         "per-pair table beside it (NAME.edges.csv).",
     )
-    p.add_argument("input", help="TileConfiguration.txt or positions CSV (nominal positions)")
+    p.add_argument("input", help=INPUT_HELP + " (nominal positions)")
     p.add_argument("-o", "--output", required=True, help="corrected positions CSV to write")
+    add_input_options(p)
     p.add_argument(
         "--backend",
         choices=("auto", "numpy", "cupy"),
@@ -97,8 +114,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..readers import open_tile, read_positions
     from ..registration import edges_path_for, write_positions_csv
+    from .inputs import tileset_from_args
 
     out = Path(args.output)
     source = Path(args.input)
@@ -109,18 +126,17 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.resolve().is_dir():
         raise InputError(f"{out}: folder {out.parent} does not exist")
     _check_report_path(args.report)
-    table = read_positions(source)
-    sources = [open_tile(f) for f in table.files]
-    for f, src in zip(table.files, sources, strict=True):
-        if len(src.shape) != table.ndim:
-            raise InputError(f"{f}: image is {len(src.shape)}D but {table.source} gives "
-                             f"{table.ndim}D positions")
-    from ..layout import mosaic_from_positions
-
-    mosaic = mosaic_from_positions(sources, table.positions,
-                                   names=[str(f) for f in table.files])
-    result = _register(args, mosaic, args.backend)
-    write_positions_csv(out, result.positions, table.files)
+    tiles = tileset_from_args(args)
+    tiles = tiles.select_channel(registration_channel(args))
+    files = [getattr(src, "path", None) for src in tiles.sources[0]]
+    if any(f is None for f in files) or len(set(files)) != len(files):
+        raise InputError(f"{source}: its tiles are not one file each, so no positions CSV can "
+                         "list them; use 'gpufusion fuse INPUT --register' instead")
+    if not all(np.allclose(a[:-1, :-1], np.eye(tiles.ndim)) for a in tiles.affines):
+        raise InputError(f"{source}: registration corrects translations; this input has "
+                         "rotated or scaled tiles")
+    result = _register(args, tiles.mosaics()[0], args.backend)
+    write_positions_csv(out, result.positions, files)
     edges = result.write_edges_csv(edges_path_for(out))
     if args.report:
         result.write_report(args.report)
@@ -169,6 +185,17 @@ def _per_axis(values: tuple[float, ...], mosaic: Mosaic) -> tuple[float, ...]:
         raise InputError(f"--max-shift: give one number or {mosaic.ndim} (x,y[,z]), got "
                          f"{len(values)}")
     return values
+
+
+def register_channels(args: argparse.Namespace, channels: list[Mosaic],
+                      channel_names: list[str], backend: str) -> list[Mosaic]:
+    """``fuse --register``: register on ``--reg-channel``, move every channel alike."""
+    from ..readers.tileset import channel_index
+
+    index = channel_index(channel_names, registration_channel(args),
+                          Path(args.input))
+    corrected = register_for_fuse(args, channels[index], backend)
+    return [m.with_affines([t.affine for t in corrected.tiles]) for m in channels]
 
 
 def register_for_fuse(args: argparse.Namespace, mosaic: Mosaic, backend: str) -> Mosaic:

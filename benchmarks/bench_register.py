@@ -1,0 +1,112 @@
+"""Registration benchmarks (issue 4). Report, do not assert.
+
+Run: ``python -m pytest benchmarks/bench_register.py --benchmark-only -p no:cacheprovider``
+(about 10 s on 2 CPU cores; the GPU cases are skipped without a usable CUDA device).
+
+* pairwise registration of the side-neighbour pairs of a 3x3 synthetic grid (12 pairs), 10 %
+  overlap, stage errors of +-15 px (``max_shift`` 30), tiles of 1024x1024 and 2048x2048
+  uint16: pairs per second on the CPU (NumPy/SciPy, all cores) and on the GPU (CuPy, after an
+  untimed warm-up; the result comes back to the host inside the timed call, which
+  synchronises the device; the NumPy time and the device name are recorded beside it);
+* the global solve (weighted least squares + outlier rejection) for 100, 1,000 and 10,000
+  tiles on a grid with synthetic edges (0.1 px noise, 1 % wrong edges).
+
+``extra_info`` holds ``pairs_per_s`` / ``tiles`` / ``edges`` and the iterations of the solve.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from gpufusion.backends import gpu_status
+from gpufusion.registration import candidate_pairs, measure_pairs, solve_positions
+from gpufusion.synthetic import make_mosaic
+
+GPU_OK, GPU_WHY = gpu_status()
+MAX_SHIFT = 30.0
+_NUMPY_SECONDS: dict[int, float] = {}
+
+
+@pytest.fixture(scope="module", params=[1024, 2048], ids=lambda n: f"{n}px")
+def grid(request):
+    size = request.param
+    syn = make_mosaic((3, 3), (size, size), overlap=0.1, stage_error=15, seed=0)
+    mosaic = syn.mosaic(syn.stage_positions)
+    return size, mosaic, candidate_pairs(mosaic)
+
+
+def _pairs_per_s(benchmark, pairs, seconds: float) -> None:
+    benchmark.extra_info["pairs"] = len(pairs)
+    benchmark.extra_info["pairs_per_s"] = round(len(pairs) / seconds, 2)
+    benchmark.extra_info["cpu_count"] = os.cpu_count()
+
+
+def test_pairwise_cpu(benchmark, grid) -> None:
+    size, mosaic, pairs = grid
+
+    def run():
+        return measure_pairs(mosaic, pairs, max_shift=MAX_SHIFT, backend="numpy")
+
+    run()  # warm-up (FFT plans, page cache)
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert np.isfinite(result.ncc).all()
+    _NUMPY_SECONDS[size] = benchmark.stats.stats.min
+    _pairs_per_s(benchmark, pairs, benchmark.stats.stats.min)
+    benchmark.extra_info["tile"] = f"{size}x{size}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_OK, reason=f"no usable GPU: {GPU_WHY}")
+def test_pairwise_gpu(benchmark, grid) -> None:
+    import cupy
+
+    size, mosaic, pairs = grid
+
+    def run():
+        return measure_pairs(mosaic, pairs, max_shift=MAX_SHIFT, backend="cupy")
+
+    run()  # warm-up: cuFFT plans, memory pool
+    result = benchmark.pedantic(run, rounds=5, iterations=1)
+    assert np.isfinite(result.ncc).all()
+    _pairs_per_s(benchmark, pairs, benchmark.stats.stats.min)
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    benchmark.extra_info["device"] = props["name"].decode()
+    benchmark.extra_info["tile"] = f"{size}x{size}"
+    if size not in _NUMPY_SECONDS:
+        t0 = time.perf_counter()
+        measure_pairs(mosaic, pairs, max_shift=MAX_SHIFT, backend="numpy")
+        _NUMPY_SECONDS[size] = time.perf_counter() - t0
+    benchmark.extra_info["numpy_seconds"] = round(_NUMPY_SECONDS[size], 3)
+
+
+def synthetic_edges(n_tiles: int, seed: int = 0):
+    """A square-ish grid of ``n_tiles`` with side-neighbour edges, 0.1 px noise, 1 % wrong."""
+    rng = np.random.default_rng(seed)
+    cols = int(np.ceil(np.sqrt(n_tiles)))
+    rc = np.stack(np.divmod(np.arange(n_tiles), cols), axis=1).astype(np.float64)
+    nominal = rc * 921.6
+    truth = nominal + rng.uniform(-15, 15, nominal.shape)
+    idx = np.arange(n_tiles)
+    right = idx[(idx % cols < cols - 1) & (idx + 1 < n_tiles)]
+    down = idx[idx + cols < n_tiles]
+    pairs = np.concatenate([np.stack([right, right + 1], 1), np.stack([down, down + cols], 1)])
+    offsets = truth[pairs[:, 1]] - truth[pairs[:, 0]] + rng.normal(0, 0.1, (len(pairs), 2))
+    wrong = rng.random(len(pairs)) < 0.01
+    offsets[wrong] += rng.uniform(-20, 20, (wrong.sum(), 2))
+    weights = rng.uniform(1, 10, len(pairs))
+    return nominal, pairs, offsets, weights
+
+
+@pytest.mark.parametrize("n_tiles", [100, 1_000, 10_000])
+def test_global_solve(benchmark, n_tiles: int) -> None:
+    nominal, pairs, offsets, weights = synthetic_edges(n_tiles)
+    result = benchmark.pedantic(solve_positions, args=(nominal, pairs, offsets, weights),
+                                kwargs={"max_residual": 1.0}, rounds=3, iterations=1)
+    benchmark.extra_info["tiles"] = n_tiles
+    benchmark.extra_info["edges"] = len(pairs)
+    benchmark.extra_info["iterations"] = result.iterations
+    benchmark.extra_info["rejected"] = int(result.rejected.sum())

@@ -1,0 +1,323 @@
+"""Registration outputs: positions CSV, edge-table CSV, and a picture of the layout.
+
+* :func:`write_positions_csv` -- ``file,x,y[,z]`` in pixels (x along columns), the format
+  :func:`gpufusion.readers.read_positions` reads, so the file is direct ``fuse`` input;
+* :func:`write_edges_csv` -- one row per candidate pair (shift, NCC, weight, residual,
+  status);
+* :func:`write_report` -- the tiles at their registered positions with every edge drawn
+  between tile centres, coloured by its residual (dropped edges dashed grey, tiles without
+  a reliable edge in red): ``.html`` (inline SVG, summary and edge table; no dependency),
+  ``.svg``, or ``.png`` (drawn with Pillow, which imageio already requires).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .register import RegistrationResult
+
+__all__ = ["REPORT_SUFFIXES", "edges_path_for", "write_edges_csv", "write_positions_csv",
+           "write_report"]
+
+REPORT_SUFFIXES = (".html", ".htm", ".svg", ".png")
+_AXES = ("x", "y", "z")
+
+
+def _fmt(v: float) -> str:
+    return "nan" if not np.isfinite(v) else f"{v:.4f}"
+
+
+def write_positions_csv(path: str | Path, positions: np.ndarray,
+                        files: Sequence[str | Path]) -> Path:
+    """Write tile positions as ``file,x,y[,z]`` (pixels; positions given in index order).
+
+    Files inside the CSV's folder are written relative to it (the CSV stays valid when the
+    folder moves with its tiles), others with their absolute path.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> d = Path(tempfile.mkdtemp())
+    >>> p = write_positions_csv(d / "pos.csv", np.array([[0.0, 0.0], [2.5, 90.25]]),
+    ...                         [d / "a.tif", d / "b.tif"])
+    >>> print(p.read_text().strip())
+    file,x,y
+    a.tif,0.0000,0.0000
+    b.tif,90.2500,2.5000
+    """
+    out = Path(path)
+    pos = np.asarray(positions, dtype=np.float64)
+    if len(files) != len(pos):
+        raise InputError(f"{out}: {len(files)} file names for {len(pos)} positions")
+    ndim = pos.shape[1]
+    base = out.resolve().parent
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["file", *_AXES[:ndim]])
+        for f, p in zip(files, pos, strict=True):
+            w.writerow([_relative(f, base), *(_fmt(v) for v in p[::-1])])
+    return out
+
+
+def _relative(f: str | Path, base: Path) -> str:
+    """``f`` relative to ``base`` when it lies inside it, else unchanged (absolute)."""
+    p = Path(f)
+    if not p.is_absolute():
+        return str(f)
+    try:
+        return p.relative_to(base).as_posix()
+    except ValueError:  # outside the folder (or on another drive)
+        return str(p)
+
+
+def edges_path_for(positions_path: str | Path) -> Path:
+    """The edge table's path beside a positions CSV: ``name.csv`` -> ``name.edges.csv``.
+
+    Examples
+    --------
+    >>> edges_path_for("out/positions.csv").as_posix()
+    'out/positions.edges.csv'
+    """
+    p = Path(positions_path)
+    stem = p.name[: -len(p.suffix)] if p.suffix else p.name
+    return p.with_name(f"{stem}.edges.csv")
+
+
+def write_edges_csv(path: str | Path, result: RegistrationResult) -> Path:
+    """Write the edge table: ``i,j,file_i,file_j``, nominal offset, shift, NCC, weight,
+    residual (pixels; axes x, y[, z]) and status.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from gpufusion.synthetic import make_mosaic
+    >>> from gpufusion.registration import register_mosaic
+    >>> syn = make_mosaic((1, 2), (64, 64), overlap=0.25, stage_error=2, seed=0)
+    >>> result = register_mosaic(syn.mosaic(syn.stage_positions), max_shift=5,
+    ...                          backend="numpy")
+    >>> path = write_edges_csv(Path(tempfile.mkdtemp()) / "pos.edges.csv", result)
+    >>> path.read_text().splitlines()[0]
+    'i,j,file_i,file_j,nominal_x,nominal_y,shift_x,shift_y,ncc,weight,residual,status'
+    """
+    out = Path(path)
+    e = result.edges
+    ndim = e.nominal.shape[1] if len(e) else result.positions.shape[1]
+    ax = _AXES[:ndim]
+    base = out.resolve().parent
+    names = [_relative(n, base) for n in result.names]
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["i", "j", "file_i", "file_j", *(f"nominal_{a}" for a in ax),
+                    *(f"shift_{a}" for a in ax), "ncc", "weight", "residual", "status"])
+        for k in range(len(e)):
+            i, j = (int(v) for v in e.pairs[k])
+            w.writerow([i, j, names[i], names[j], *(_fmt(v) for v in e.nominal[k][::-1]),
+                        *(_fmt(v) for v in e.shift[k][::-1]), _fmt(e.ncc[k]),
+                        _fmt(e.weight[k]), _fmt(e.residual[k]), e.status[k]])
+    return out
+
+
+def summary_lines(result: RegistrationResult) -> list[str]:
+    """Human-readable summary of a registration."""
+    n = len(result.positions)
+    counts = result.edges.counts()
+    kept = counts.get("kept", 0)
+    dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "kept") or "none"
+    corr = result.corrections - result.corrections.mean(axis=0)
+    lines = [
+        f"registered {n} tiles from {len(result.edges)} overlapping pairs "
+        f"({kept} kept; dropped: {dropped}) on {result.backend} in "
+        f"{result.seconds.get('total', float('nan')):.2f} s",
+        f"corrections (global offset removed): rms {np.sqrt(np.mean(corr**2)):.2f} px, "
+        f"max {np.abs(corr).max(initial=0):.2f} px",
+    ]
+    if kept:
+        res = result.edges.residual[result.edges.kept]
+        lines.append(f"residuals of kept edges: rms {np.sqrt(np.mean(res**2)):.3f} px, "
+                     f"max {res.max():.3f} px")
+    if np.isfinite(result.mean_ncc_before) or np.isfinite(result.mean_ncc_after):
+        lines.append(f"mean overlap NCC: {result.mean_ncc_before:.3f} before, "
+                     f"{result.mean_ncc_after:.3f} after")
+    if len(result.unregistered):
+        lines.append(f"tiles without a reliable edge: {len(result.unregistered)}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------
+# The picture
+
+
+def write_report(path: str | Path, result: RegistrationResult) -> Path:
+    """Draw the registered layout, edges coloured by residual, as HTML, SVG or PNG.
+
+    The format follows the suffix (:data:`REPORT_SUFFIXES`); 3D layouts are drawn in their
+    (y, x) projection.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from gpufusion.synthetic import make_mosaic
+    >>> from gpufusion.registration import register_mosaic
+    >>> syn = make_mosaic((2, 2), (64, 64), overlap=0.25, stage_error=2, seed=0)
+    >>> result = register_mosaic(syn.mosaic(syn.stage_positions), max_shift=5,
+    ...                          backend="numpy")
+    >>> page = write_report(Path(tempfile.mkdtemp()) / "report.html", result)
+    >>> "<svg" in page.read_text()
+    True
+    """
+    out = Path(path)
+    suffix = out.suffix.lower()
+    if suffix not in REPORT_SUFFIXES:
+        raise InputError(f"{out}: report must end in {', '.join(REPORT_SUFFIXES)}")
+    scene = _Scene(result)
+    if suffix == ".png":
+        scene.png(out)
+    elif suffix == ".svg":
+        out.write_text(scene.svg(), encoding="utf-8")
+    else:
+        out.write_text(_html(result, scene.svg()), encoding="utf-8")
+    return out
+
+
+def _colour(value: float, vmax: float) -> tuple[int, int, int]:
+    """Green (0) - yellow - red (>= vmax) for a residual."""
+    t = float(np.clip(value / vmax, 0.0, 1.0)) if np.isfinite(value) else 1.0
+    if t < 0.5:
+        return int(round(40 + 430 * t)), 170, 60
+    return 235, int(round(170 - 300 * (t - 0.5))), 60
+
+
+class _Scene:
+    """Tiles and edges in picture coordinates (y, x of the layout; scaled to fit)."""
+
+    def __init__(self, result: RegistrationResult, size: int = 900) -> None:
+        pos = result.positions[:, -2:]
+        shapes = result.mosaic.tile_shapes[:, -2:].astype(np.float64)
+        lo = pos.min(axis=0)
+        extent = (pos + shapes).max(axis=0) - lo
+        self.scale = (size - 40) / max(float(extent.max()), 1.0)
+        self.margin = 20.0
+        self.width = int(extent[1] * self.scale + 2 * self.margin)
+        self.height = int(extent[0] * self.scale + 2 * self.margin) + 40
+        self.boxes = (pos - lo) * self.scale + self.margin  # (n, 2) top-left (y, x)
+        self.sizes = shapes * self.scale
+        self.centres = self.boxes + self.sizes / 2
+        self.flagged = set(int(k) for k in np.concatenate([result.unregistered,
+                                                           result.detached]))
+        self.edges = result.edges
+        self.vmax = result.max_residual  # red: the rejection threshold
+        self.names = [str(k) for k in range(len(pos))]
+
+    def svg(self) -> str:
+        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" '
+                 f'height="{self.height}" viewBox="0 0 {self.width} {self.height}" '
+                 'font-family="sans-serif" font-size="11">',
+                 f'<rect width="{self.width}" height="{self.height}" fill="white"/>']
+        for k, ((y, x), (h, w)) in enumerate(zip(self.boxes, self.sizes, strict=True)):
+            fill = "#f6c9c9" if k in self.flagged else "#e8e8e8"
+            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" '
+                         f'fill="{fill}" fill-opacity="0.55" stroke="#777" stroke-width="0.8"/>')
+        for k in range(len(self.edges)):
+            (y0, x0), (y1, x1) = self.centres[self.edges.pairs[k]]
+            kept = self.edges.status[k] == "kept"
+            r, g, b = _colour(self.edges.residual[k], self.vmax) if kept else (150, 150, 150)
+            dash = "" if kept else ' stroke-dasharray="4,3"'
+            tip = (f"{self.edges.pairs[k][0]}-{self.edges.pairs[k][1]}: "
+                   f"{self.edges.status[k]}, NCC {self.edges.ncc[k]:.3f}, "
+                   f"residual {self.edges.residual[k]:.3f} px")
+            parts.append(f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y1:.1f}" '
+                         f'stroke="rgb({r},{g},{b})" stroke-width="{3 if kept else 1.5}"'
+                         f'{dash}><title>{html.escape(tip)}</title></line>')
+        for k, (y, x) in enumerate(self.centres):
+            parts.append(f'<text x="{x + 5:.1f}" y="{y + 12:.1f}" fill="#333">{k}</text>')
+        parts.append(self._legend_svg())
+        parts.append("</svg>")
+        return "\n".join(parts)
+
+    def _legend_svg(self) -> str:
+        y = self.height - 24
+        items = []
+        for q in range(11):
+            r, g, b = _colour(q / 10 * self.vmax, self.vmax)
+            items.append(f'<rect x="{20 + 14 * q}" y="{y}" width="14" height="10" '
+                         f'fill="rgb({r},{g},{b})"/>')
+        items.append(f'<text x="{20 + 14 * 11 + 6}" y="{y + 9}">residual 0 - '
+                     f'{self.vmax:.2f} px; dashed: dropped; red tiles: no reliable edge'
+                     '</text>')
+        return "\n".join(items)
+
+    def png(self, out: Path) -> None:
+        try:
+            from PIL import Image, ImageDraw
+        except ImportError:  # pragma: no cover - Pillow comes with imageio
+            raise InputError(f"{out}: PNG reports need Pillow; write .html or .svg") from None
+        img = Image.new("RGB", (self.width, self.height), "white")
+        draw = ImageDraw.Draw(img, "RGBA")
+        for k, ((y, x), (h, w)) in enumerate(zip(self.boxes, self.sizes, strict=True)):
+            fill = (246, 201, 201, 140) if k in self.flagged else (232, 232, 232, 140)
+            draw.rectangle([x, y, x + w, y + h], fill=fill, outline=(119, 119, 119))
+        for k in range(len(self.edges)):
+            (y0, x0), (y1, x1) = self.centres[self.edges.pairs[k]]
+            kept = self.edges.status[k] == "kept"
+            if kept:
+                draw.line([x0, y0, x1, y1], fill=_colour(self.edges.residual[k], self.vmax),
+                          width=3)
+                continue
+            length = float(np.hypot(x1 - x0, y1 - y0))
+            for t0 in np.arange(0.0, length, 7.0):  # dashed: 4 px on, 3 px off
+                a, b = t0 / max(length, 1e-9), min(t0 + 4.0, length) / max(length, 1e-9)
+                draw.line([x0 + a * (x1 - x0), y0 + a * (y1 - y0), x0 + b * (x1 - x0),
+                           y0 + b * (y1 - y0)], fill=(120, 120, 120), width=2)
+        for k, (y, x) in enumerate(self.centres):
+            draw.text((x + 5, y + 2), str(k), fill=(51, 51, 51))
+        y = self.height - 24
+        for q in range(11):
+            draw.rectangle([20 + 14 * q, y, 34 + 14 * q, y + 10],
+                           fill=_colour(q / 10 * self.vmax, self.vmax))
+        draw.text((20 + 14 * 11 + 6, y - 1), f"residual 0 - {self.vmax:.2f} px; dashed: dropped;"
+                  " red tiles: no reliable edge", fill=(51, 51, 51))
+        img.save(out, format="PNG")
+
+
+def _html(result: RegistrationResult, svg: str) -> str:
+    e = result.edges
+    ndim = result.positions.shape[1]
+    ax = _AXES[:ndim]
+    head = "".join(f"<th>{h}</th>" for h in ["pair", *(f"shift {a}" for a in ax), "NCC",
+                                             "residual (px)", "status"])
+    rows = []
+    for k in range(len(e)):
+        i, j = (int(v) for v in e.pairs[k])
+        cells = [f"{i}-{j}", *(_fmt(v) for v in e.shift[k][::-1]), _fmt(e.ncc[k]),
+                 _fmt(e.residual[k]), e.status[k]]
+        cls = "" if e.status[k] == "kept" else ' class="dropped"'
+        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+                    + "</tr>")
+    names = "".join(f"<li>{k}: {html.escape(n)}</li>" for k, n in enumerate(result.names))
+    summary = "".join(f"<p>{html.escape(line)}</p>" for line in summary_lines(result))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>gpufusion registration report</title>
+<style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}tr.dropped{{color:#999}}
+</style></head><body>
+<h1>Registration report</h1>
+{summary}
+<p>Mean overlap NCC: Pearson correlation of the pixels two tiles share at their
+integer-rounded relative offset, averaged over all candidate pairs.</p>
+{svg}
+<h2>Edges</h2>
+<table><tr>{head}</tr>
+{"".join(rows)}
+</table>
+<h2>Tiles</h2><ol start="0" style="list-style:none">{names}</ol>
+</body></html>
+"""

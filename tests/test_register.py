@@ -1,0 +1,473 @@
+"""Registration (issue 4): pairwise offsets, global solve, outputs, CLI, real data."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from gpufusion import mosaic_from_affines, mosaic_from_positions
+from gpufusion.backends import gpu_status
+from gpufusion.errors import InputError
+from gpufusion.registration import (
+    RegistrationWarning,
+    candidate_pairs,
+    mean_overlap_ncc,
+    measure_pairs,
+    overlap_ncc,
+    register_mosaic,
+    solve_positions,
+)
+from gpufusion.synthetic import make_mosaic
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LEICA = DATA / "leica_2tiles/experiment--test/slide--S00/chamber--U00--V00"
+TMA = DATA / "tma_4x3"
+
+
+def rms_after_offset(found: np.ndarray, truth: np.ndarray) -> float:
+    """RMS position error (Euclidean, px) after removing the mean (global) offset."""
+    err = found - truth
+    err = err - err.mean(axis=0)
+    return float(np.sqrt(np.mean(np.sum(err**2, axis=1))))
+
+
+def needs(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent")
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# candidate pairs
+
+
+def test_candidate_pairs_grid_keeps_side_neighbours_only() -> None:
+    syn = make_mosaic((3, 4), (100, 100), overlap=0.1, subpixel=0, seed=0)
+    pairs = candidate_pairs(syn.mosaic())
+    grid = np.array(list(np.ndindex(3, 4)))
+    steps = np.abs(grid[pairs[:, 1]] - grid[pairs[:, 0]]).sum(axis=1)
+    assert len(pairs) == 3 * 3 + 2 * 4 and np.all(steps == 1)
+
+
+def test_candidate_pairs_snake_and_irregular_layouts() -> None:
+    tile = np.zeros((100, 100), np.uint8)
+    # a snake: row 0 left to right, row 1 right to left (file order differs from layout)
+    snake = [(0, 0), (0, 88), (0, 176), (88, 176), (88, 88), (88, 0)]
+    pairs = candidate_pairs(mosaic_from_positions([tile] * 6, snake))
+    assert {tuple(p) for p in pairs.tolist()} == {(0, 1), (1, 2), (2, 3), (3, 4), (4, 5),
+                                                  (0, 5), (1, 4)}
+    # irregular: one far away, one barely touching (4 px), one overlapping two others
+    irregular = [(0, 0), (0, 96), (60, 50), (500, 500)]
+    pairs = candidate_pairs(mosaic_from_positions([tile] * 4, irregular))
+    assert pairs.tolist() == [[0, 2], [1, 2]]
+
+
+# ------------------------------------------------------------------------------------------
+# pairwise
+
+
+def test_pair_offset_matches_scikit_image_on_texture() -> None:
+    skreg = pytest.importorskip("skimage.registration")
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(4)
+    image = ndi.gaussian_filter(rng.normal(size=(300, 300)), 1.5)
+    true = np.array([3.4, -5.7])  # tile 1 sits at (0, 60) + true
+    shifted = np.fft.ifft2(ndi.fourier_shift(np.fft.fft2(image), -true)).real
+    a, b = image[20:220, 20:220], shifted[20:220, 80:280]
+    mosaic = mosaic_from_positions([a.astype(np.float32), b.astype(np.float32)],
+                                   [(0, 0), (0, 60)])
+    m = measure_pairs(mosaic, max_shift=10)
+    ours = m.offset[0] - (0, 60)
+    # scikit-image's upsampled phase correlation of the nominal overlaps: the shift that
+    # registers b onto a, i.e. b's offset from its nominal place
+    theirs = skreg.phase_cross_correlation(a[:, 60:], b[:, :140], upsample_factor=100)[0]
+    np.testing.assert_allclose(ours, true, atol=0.05)
+    np.testing.assert_allclose(ours, theirs, atol=0.1)
+    assert m.ncc[0] > 0.95
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_slices_and_batched_algorithms_agree(seed: int) -> None:
+    syn = make_mosaic((3, 3), (96, 96), overlap=0.2, stage_error=6, seed=seed)
+    mosaic = syn.mosaic(syn.stage_positions)
+    a = measure_pairs(mosaic, max_shift=12, algorithm="slices")
+    b = measure_pairs(mosaic, max_shift=12, algorithm="batched")
+    np.testing.assert_allclose(a.shift, b.shift, atol=1e-5)
+    np.testing.assert_allclose(a.ncc, b.ncc, atol=1e-6)
+
+
+def test_pairwise_resolves_large_shifts_beyond_the_peak_wrap() -> None:
+    # errors close to the overlap width: the correct alias must be picked
+    syn = make_mosaic((1, 4), (128, 128), overlap=0.25, stage_error=12, seed=7)
+    mosaic = syn.mosaic(syn.stage_positions)
+    m = measure_pairs(mosaic, max_shift=24)
+    true = syn.positions[m.pairs[:, 1]] - syn.positions[m.pairs[:, 0]]
+    assert np.nanmax(np.abs(m.offset - true)) < 0.1
+
+
+# ------------------------------------------------------------------------------------------
+# whole registration, synthetic truth
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_register_synthetic_grid_accuracy(seed: int) -> None:
+    syn = make_mosaic((6, 6), (256, 256), overlap=0.1, stage_error=15, seed=seed)
+    result = register_mosaic(syn.mosaic(syn.stage_positions), max_shift=30, backend="numpy")
+    assert rms_after_offset(result.positions, syn.positions) <= 0.1
+    assert rms_after_offset(syn.stage_positions, syn.positions) > 5  # there was work to do
+    assert result.mean_ncc_after > result.mean_ncc_before
+    assert result.edges.kept.sum() >= 40
+    # the corrected Mosaic carries the positions
+    np.testing.assert_allclose(result.mosaic.positions(), result.positions)
+
+
+def test_register_synthetic_with_blank_tiles() -> None:
+    blank = [3, 14, 22, 33]  # ~10 % of 36
+    syn = make_mosaic((6, 6), (256, 256), overlap=0.1, stage_error=15, seed=2, blank=blank)
+    with pytest.warns(RegistrationWarning, match="4 of 36 tiles have no reliable overlap"):
+        result = register_mosaic(syn.mosaic(syn.stage_positions), max_shift=30,
+                                 backend="numpy")
+    assert result.unregistered.tolist() == blank
+    others = np.setdiff1d(np.arange(36), blank)
+    assert rms_after_offset(result.positions[others], syn.positions[others]) <= 0.2
+    assert set(result.edges.status[np.any(np.isin(result.edges.pairs, blank), axis=1)]) == {
+        "no_match"}
+
+
+def test_register_3d() -> None:
+    syn = make_mosaic((2, 2, 2), (24, 48, 48), overlap=0.25, stage_error=3, seed=1)
+    result = register_mosaic(syn.mosaic(syn.stage_positions), max_shift=6, backend="numpy")
+    assert result.positions.shape == (8, 3)
+    assert rms_after_offset(result.positions, syn.positions) <= 0.1
+
+
+def test_unregistered_tile_moves_with_its_neighbours() -> None:
+    # a stage that drifts: every tile is 6 px further right than nominal per column
+    syn = make_mosaic((3, 3), (96, 96), overlap=0.2, subpixel=0, seed=5, blank=[4])
+    nominal = syn.positions.copy()
+    nominal[:, 1] -= 6 * (np.arange(9) % 3)
+    with pytest.warns(RegistrationWarning, match="tile_1_1"):
+        result = register_mosaic(syn.mosaic(nominal), max_shift=10, backend="numpy")
+    corr = result.corrections - result.corrections[result.anchor]
+    pairs = result.edges.pairs
+    neighbours = np.concatenate([pairs[pairs[:, 0] == 4, 1], pairs[pairs[:, 1] == 4, 0]])
+    assert len(neighbours) >= 4
+    np.testing.assert_allclose(corr[4], corr[neighbours].mean(axis=0), atol=1e-9)
+    assert abs(corr[4, 1] - 6) < 0.5  # the middle column moved by ~6 px
+
+
+# ------------------------------------------------------------------------------------------
+# global solve
+
+
+def test_solve_rejects_outlier_edge() -> None:
+    rng = np.random.default_rng(0)
+    truth = np.array([(r * 90.0, c * 90.0) for r in range(5) for c in range(5)])
+    truth += rng.uniform(-3, 3, truth.shape)
+    pairs = np.array([(k, k + 1) for k in range(25) if k % 5 < 4]
+                     + [(k, k + 5) for k in range(20)])
+    offsets = truth[pairs[:, 1]] - truth[pairs[:, 0]] + rng.normal(0, 0.05, (len(pairs), 2))
+    offsets[7] += (12.0, -9.0)  # one wrong measurement
+    nominal = np.array([(r * 90.0, c * 90.0) for r in range(5) for c in range(5)])
+    res = solve_positions(nominal, pairs, offsets, max_residual=1.0)
+    assert not res.kept[7] and res.rejected[7] and res.kept.sum() == len(pairs) - 1
+    assert rms_after_offset(res.positions, truth) < 0.1
+    np.testing.assert_allclose(res.positions[res.anchor], nominal[res.anchor])
+
+
+def test_solve_large_grid_is_exact_without_noise() -> None:
+    n = 60
+    grid = np.array([(r, c) for r in range(n) for c in range(n)], dtype=np.float64)
+    truth = grid * 900 + np.random.default_rng(1).uniform(-10, 10, grid.shape)
+    idx = np.arange(n * n).reshape(n, n)
+    pairs = np.concatenate([np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], 1),
+                            np.stack([idx[:-1].ravel(), idx[1:].ravel()], 1)])
+    offsets = truth[pairs[:, 1]] - truth[pairs[:, 0]]
+    res = solve_positions(grid * 900, pairs, offsets)
+    assert rms_after_offset(res.positions, truth) < 1e-6
+    assert not res.rejected.any() and res.kept.all()
+
+
+def test_solve_places_disconnected_groups_by_neighbours() -> None:
+    nominal = np.array([[0.0, 0], [0, 90], [0, 180], [0, 270]])
+    pairs = np.array([[0, 1], [1, 2], [2, 3]])
+    offsets = np.array([[1.0, 92], [np.nan, np.nan], [0, 91]])  # the middle edge failed
+    res = solve_positions(nominal, pairs, offsets)
+    assert res.unplaced.tolist() == [2, 3]
+    corr = res.positions - nominal
+    # group {2, 3}: its mean correction equals that of its placed neighbour (tile 1)
+    np.testing.assert_allclose(corr[[2, 3]].mean(axis=0), corr[1])
+    np.testing.assert_allclose(res.positions[3] - res.positions[2], [0, 91])
+
+
+# ------------------------------------------------------------------------------------------
+# bad and degenerate input
+
+
+def test_single_tile_is_returned_unchanged() -> None:
+    mosaic = mosaic_from_positions([np.ones((32, 32))], [(3.5, 4.0)])
+    result = register_mosaic(mosaic, backend="numpy")
+    np.testing.assert_array_equal(result.positions, [[3.5, 4.0]])
+    assert len(result.edges) == 0 and len(result.unregistered) == 0
+
+
+def test_tiles_that_do_not_overlap_keep_their_positions() -> None:
+    rng = np.random.default_rng(0)
+    mosaic = mosaic_from_positions([rng.random((32, 32)), rng.random((32, 32))],
+                                   [(0, 0), (0, 40)])
+    with pytest.warns(RegistrationWarning, match="no two tiles overlap"):
+        result = register_mosaic(mosaic, backend="numpy")
+    np.testing.assert_array_equal(result.positions, [[0, 0], [0, 40]])
+
+
+def test_uniform_tiles_are_flagged_not_crashed() -> None:
+    mosaic = mosaic_from_positions([np.full((64, 64), 7, np.uint16)] * 3,
+                                   [(0, 0), (0, 50), (0, 100)])
+    with pytest.warns(RegistrationWarning, match="3 of 3 tiles"):
+        result = register_mosaic(mosaic, backend="numpy")
+    np.testing.assert_array_equal(result.positions, mosaic.positions())
+    assert set(result.edges.status) == {"no_match"}
+    assert np.isnan(result.mean_ncc_before)
+
+
+def test_max_shift_zero_keeps_nominal_positions() -> None:
+    syn = make_mosaic((2, 2), (64, 64), overlap=0.25, stage_error=3, seed=0)
+    mosaic = syn.mosaic(syn.stage_positions)
+    result = register_mosaic(mosaic, max_shift=0, backend="numpy")
+    np.testing.assert_allclose(result.positions, syn.stage_positions, atol=1e-9)
+    assert np.all(result.edges.shift == 0) and np.all(np.isfinite(result.edges.ncc))
+
+
+@pytest.mark.parametrize("kwargs", [{"max_shift": -1}, {"max_shift": [1, 2, 3]},
+                                    {"max_shift": float("nan")}, {"min_ncc": 2},
+                                    {"max_residual": 0}, {"anchor": 9},
+                                    {"backend": "opencl"}])
+def test_bad_options_raise_input_error(kwargs: dict) -> None:
+    syn = make_mosaic((1, 2), (32, 32), overlap=0.3, seed=0)
+    with pytest.raises(InputError):
+        register_mosaic(syn.mosaic(), **kwargs)
+
+
+def test_rotated_tiles_are_rejected() -> None:
+    rot = np.array([[0.0, -1, 9], [1, 0, 0], [0, 0, 1]])
+    mosaic = mosaic_from_affines([np.zeros((8, 8))] * 2, [np.eye(3), rot])
+    with pytest.raises(InputError, match="translations only"):
+        register_mosaic(mosaic, backend="numpy")
+
+
+def test_cupy_backend_without_gpu_is_input_error() -> None:
+    if gpu_status()[0]:
+        pytest.skip("a GPU is usable here")
+    syn = make_mosaic((1, 2), (32, 32), overlap=0.3, seed=0)
+    with pytest.raises(InputError, match="backend cupy"):
+        register_mosaic(syn.mosaic(), backend="cupy")
+
+
+# ------------------------------------------------------------------------------------------
+# quality measure and outputs
+
+
+def test_overlap_ncc_is_one_at_truth_and_lower_off_it() -> None:
+    syn = make_mosaic((2, 2), (64, 64), overlap=0.25, integer_positions=True, seed=3)
+    pairs = candidate_pairs(syn.mosaic())
+    np.testing.assert_allclose(overlap_ncc(syn.mosaic(), pairs), 1.0, atol=1e-6)
+    assert mean_overlap_ncc(syn.mosaic(), pairs, syn.positions + [[0, 0], [0, 3], [2, 0],
+                                                                  [0, 0]]) < 0.999
+
+
+def test_outputs_positions_edges_and_reports(tmp_path: Path) -> None:
+    pytest.importorskip("PIL")
+    from gpufusion.readers import read_positions
+
+    syn = make_mosaic((2, 3), (96, 96), overlap=0.2, stage_error=4, seed=1)
+    files = []
+    for k, tile in enumerate(syn.tiles):
+        tifffile.imwrite(tmp_path / f"t{k}.tif", tile)
+        files.append(tmp_path / f"t{k}.tif")
+    mosaic = mosaic_from_positions(syn.tiles, syn.stage_positions,
+                                   names=[str(f) for f in files])
+    result = register_mosaic(mosaic, max_shift=8, backend="numpy")
+    out = result.write_positions_csv(tmp_path / "pos.csv", files)
+    table = read_positions(out)
+    np.testing.assert_allclose(table.positions, result.positions, atol=1e-4)
+    with open(result.write_edges_csv(tmp_path / "pos.edges.csv"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(result.edges) and rows[0]["file_i"] == "t0.tif"
+    assert {"shift_x", "shift_y", "ncc", "residual", "status"} <= set(rows[0])
+    html = result.write_report(tmp_path / "report.html").read_text()
+    assert "<svg" in html and "mean overlap NCC" in html
+    assert result.write_report(tmp_path / "report.svg").read_text().startswith("<svg")
+    from PIL import Image
+
+    with Image.open(result.write_report(tmp_path / "report.png")) as img:
+        assert img.format == "PNG" and img.size[0] > 100
+    with pytest.raises(InputError, match="report must end"):
+        result.write_report(tmp_path / "report.pdf")
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def cli_run(argv: list[str]) -> int:
+    """Run ``gpufusion register`` through its parser; InputError propagates (``main`` would
+    turn it into exit code 2, tested in test_cli)."""
+    from gpufusion.cli import common_options
+    from gpufusion.cli import register as reg_cli
+
+    parser = argparse.ArgumentParser(parents=[common_options()])
+    reg_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["register", *map(str, argv)])
+    return args.run(args)
+
+
+@pytest.fixture
+def tile_csv(tmp_path: Path) -> tuple[Path, object]:
+    syn = make_mosaic((2, 2), (96, 96), overlap=0.2, stage_error=5, seed=4)
+    lines = ["file,x,y"]
+    for k, (tile, (y, x)) in enumerate(zip(syn.tiles, syn.stage_positions, strict=True)):
+        tifffile.imwrite(tmp_path / f"t{k}.tif", tile)
+        lines.append(f"t{k}.tif,{float(x)!r},{float(y)!r}")
+    (tmp_path / "pos.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "pos.csv", syn
+
+
+def test_cli_register_writes_usable_positions(tile_csv, tmp_path: Path, capsys) -> None:
+    from gpufusion import mosaic_from_file
+
+    src, syn = tile_csv
+    out = tmp_path / "sub" / "registered.csv"
+    out.parent.mkdir()
+    code = cli_run([src, "-o", out, "--max-shift", "10", "--backend", "numpy",
+                    "--report", tmp_path / "r.html"])
+    assert code == 0
+    assert "registered 4 tiles" in capsys.readouterr().out
+    assert (tmp_path / "sub" / "registered.edges.csv").is_file()
+    assert (tmp_path / "r.html").is_file()
+    mosaic = mosaic_from_file(out)  # fuse input: paths relative to the CSV's folder
+    assert rms_after_offset(mosaic.positions(), syn.positions) < 0.05
+
+
+def test_cli_register_bad_input(tile_csv, tmp_path: Path) -> None:
+    src, _ = tile_csv
+    with pytest.raises(InputError, match="overwrite the input"):
+        cli_run([src, "-o", src])
+    with pytest.raises(InputError, match="report"):
+        cli_run([src, "-o", tmp_path / "o.csv", "--report", tmp_path / "r.pdf"])
+    with pytest.raises(InputError, match="does not exist"):
+        cli_run([src, "-o", tmp_path / "missing" / "o.csv"])
+    with pytest.raises(InputError, match="max-shift"):
+        cli_run([src, "-o", tmp_path / "o.csv", "--max-shift", "1,2,3"])
+
+
+def test_register_for_fuse_returns_corrected_mosaic(capsys) -> None:
+    from gpufusion.cli import common_options
+    from gpufusion.cli.register import add_registration_options, register_for_fuse
+
+    parser = argparse.ArgumentParser(parents=[common_options()])
+    add_registration_options(parser)
+    args = parser.parse_args(["--max-shift", "10"])
+    syn = make_mosaic((2, 2), (96, 96), overlap=0.2, stage_error=5, seed=4)
+    mosaic = register_for_fuse(args, syn.mosaic(syn.stage_positions), "numpy")
+    assert rms_after_offset(mosaic.positions(), syn.positions) < 0.05
+    assert "registered 4 tiles" in capsys.readouterr().err
+
+
+def test_cli_max_shift_parsing() -> None:
+    from gpufusion.cli.register import max_shift_value
+
+    assert max_shift_value("4") == (4.0,)
+    assert max_shift_value("4,6") == (6.0, 4.0)  # x,y -> index order (y, x)
+    for bad in ("-1", "x", "1,2,3,4", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            max_shift_value(bad)
+
+
+# ------------------------------------------------------------------------------------------
+# real data
+
+
+def test_leica_second_tile_lands_on_the_fiji_registration() -> None:
+    from gpufusion import mosaic_from_file
+
+    mosaic = mosaic_from_file(needs(LEICA) / "TileConfiguration.txt")  # channel C01
+    result = register_mosaic(mosaic, backend="numpy")
+    offset = result.positions[1] - result.positions[0]
+    assert np.all(np.abs(offset - (936.7469, 3.2326183)) <= 1.0), offset  # (y, x)
+    assert result.edges.ncc[0] > 0.8 and result.mean_ncc_after > result.mean_ncc_before
+
+
+@pytest.fixture(scope="module")
+def tma() -> tuple[object, np.ndarray, object]:
+    from gpufusion.readers import open_tile
+
+    rows = np.loadtxt(needs(TMA) / "DERIVED_ashlar1.20_positions.csv", delimiter=",")
+    tiles = [open_tile(TMA / f"r{int(t) // 3}-c{int(t) % 3}.png") for t in rows[:, 0]]
+    nominal = np.array([(int(t) // 3 * 460.8, int(t) % 3 * 460.8) for t in rows[:, 0]])
+    return mosaic_from_positions(tiles, nominal), rows[:, 3:5], rows
+
+
+def test_tma_quality_reference_numbers(tma) -> None:
+    mosaic, ashlar, rows = tma
+    pairs = candidate_pairs(mosaic)
+    assert len(pairs) == 17  # the side neighbours of a 4 x 3 grid
+    np.testing.assert_allclose(rows[:, 1:3], mosaic.positions())
+    assert mean_overlap_ncc(mosaic, pairs) == pytest.approx(0.077, abs=0.001)
+    assert mean_overlap_ncc(mosaic, pairs, ashlar) == pytest.approx(0.356, abs=0.001)
+
+
+def test_tma_registration_matches_ashlar(tma) -> None:
+    mosaic, ashlar, _ = tma
+    result = register_mosaic(mosaic, backend="numpy")
+    err = result.positions - ashlar
+    err -= err.mean(axis=0)
+    assert np.abs(err).max() <= 3.0
+    pairs = result.edges.pairs
+    assert result.mean_ncc_after >= mean_overlap_ncc(mosaic, pairs, ashlar)
+    assert result.mean_ncc_before == pytest.approx(0.077, abs=0.001)
+
+
+def test_czi_registration_matches_ashlar() -> None:
+    """Tile 1 of the real CZI lands within 2 px of ASHLAR's offset from nominal."""
+    pytest.importorskip("czifile")
+    from gpufusion.readers.detect import read_tileset
+
+    folder = needs(DATA / "czi_2tiles")
+    tiles = read_tileset(folder / "mosaic_test.czi")
+    mosaic = tiles.mosaics()[0]
+    nominal = mosaic.positions()
+    assert nominal[1].tolist() == [0.0, 832.0]
+    result = register_mosaic(mosaic, backend="numpy", max_shift=30)
+    moved = (result.positions[1] - result.positions[0]) - (nominal[1] - nominal[0])
+    # ASHLAR: tile 0 at (1.6, 0.0), tile 1 at (0.0, 824.6) -> tile 1 moved (-1.6, -7.4)
+    ashlar = np.array([0.0 - 1.6, 824.6 - 0.0]) - (nominal[1] - nominal[0])
+    assert np.abs(moved - ashlar).max() <= 2.0, (moved, ashlar)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+def test_cupy_backend_matches_numpy() -> None:
+    ok, why = gpu_status()
+    if not ok:
+        pytest.skip(why)
+    syn = make_mosaic((4, 4), (256, 256), overlap=0.1, stage_error=10, seed=3, blank=[5])
+    mosaic = syn.mosaic(syn.stage_positions)
+    ref = measure_pairs(mosaic, max_shift=20, backend="numpy")
+    gpu = measure_pairs(mosaic, max_shift=20, backend="cupy")
+    assert gpu.backend == "cupy"
+    np.testing.assert_array_equal(np.isfinite(gpu.ncc), np.isfinite(ref.ncc))
+    np.testing.assert_allclose(gpu.shift, ref.shift, atol=2e-3)
+    np.testing.assert_allclose(gpu.ncc, ref.ncc, atol=1e-4)
+    with pytest.warns(RegistrationWarning):
+        result = register_mosaic(mosaic, max_shift=20, backend="cupy")
+    others = np.setdiff1d(np.arange(16), [5])
+    assert rms_after_offset(result.positions[others], syn.positions[others]) <= 0.1
