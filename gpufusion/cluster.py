@@ -122,7 +122,7 @@ def remote_client(address: str, stack: ExitStack, timeout: float = CONNECT_TIMEO
 
 @contextmanager
 def connect(gpus: Sequence[int] | None = None, scheduler: str | None = None,
-            *, timeout: float = CONNECT_TIMEOUT) -> Iterator[Any]:
+            *, timeout: float | None = None) -> Iterator[Any]:
     """Set up where dask runs fusion tasks; yields a ``distributed.Client`` or ``None``.
 
     Parameters
@@ -131,8 +131,8 @@ def connect(gpus: Sequence[int] | None = None, scheduler: str | None = None,
         Local GPU indices: one ``dask_cuda`` worker process per GPU.
     scheduler : str, optional
         Address of a running Dask scheduler, e.g. ``tcp://10.0.0.5:8786``.
-    timeout : float
-        Seconds to wait for ``scheduler`` to answer.
+    timeout : float, optional
+        Seconds to wait for ``scheduler`` to answer (default ``CONNECT_TIMEOUT``).
 
     Raises
     ------
@@ -150,7 +150,8 @@ def connect(gpus: Sequence[int] | None = None, scheduler: str | None = None,
                          "or connect to a running scheduler")
     with ExitStack() as stack:
         if scheduler:
-            yield remote_client(scheduler, stack, timeout)
+            yield remote_client(scheduler, stack,
+                                CONNECT_TIMEOUT if timeout is None else timeout)
         elif gpus:
             yield local_gpu_cluster(gpus, stack)
         else:

@@ -199,7 +199,10 @@ def test_fuse_on_a_running_dask_cluster(tile_dir: Path, capsys) -> None:
     assert psnr(level0[2:114, 2:114], truth[2:114, 2:114]) >= 40
 
 
-def test_unreachable_scheduler_is_a_clear_error(tile_dir: Path, capsys) -> None:
+def test_unreachable_scheduler_is_a_clear_error(tile_dir: Path, capsys, monkeypatch) -> None:
+    import gpufusion.cluster
+
+    monkeypatch.setattr(gpufusion.cluster, "CONNECT_TIMEOUT", 1.0)
     out = tile_dir / "out.ome.zarr"
     code, _, err = run_cli(["fuse", tile_dir / "pos.csv", "-o", out, "--backend", "numpy",
                             "--scheduler", "tcp://127.0.0.1:9"], capsys)
