@@ -471,3 +471,19 @@ def test_cupy_backend_matches_numpy() -> None:
         result = register_mosaic(mosaic, max_shift=20, backend="cupy")
     others = np.setdiff1d(np.arange(16), [5])
     assert rms_after_offset(result.positions[others], syn.positions[others]) <= 0.1
+
+
+def test_leica_wrong_stage_metadata_is_recovered_by_registration() -> None:
+    """The Leica OME-XML StagePosition puts field 2 at ~969 px (wrong); registration on the
+    channel the Fiji file uses (C01) still finds the (x, y) = (3.23, 936.75) offset."""
+    from gpufusion.readers.detect import read_tileset
+
+    folder = needs(DATA / "leica_2tiles" / "experiment--test")
+    tiles = read_tileset(folder)
+    assert tiles.n_channels == 2 and tiles.n_tiles == 2
+    stage = tiles.positions()
+    assert abs((stage[1] - stage[0])[0] - 968.8) < 1.0  # what the metadata says
+    c01 = tiles.select_channel(1).mosaics()[0]
+    result = register_mosaic(c01, backend="numpy", max_shift=80)
+    offset = result.positions[1] - result.positions[0]
+    assert np.abs(offset - [936.75, 3.23]).max() <= 1.0, offset
