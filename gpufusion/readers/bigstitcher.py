@@ -54,7 +54,8 @@ from .ome_tiff import open_tiff_planes, tiff_series_planes
 from .tileset import TileSet, channel_index, ngff_length_unit, normalise_pixel_size
 
 __all__ = ["N5DatasetSource", "SpimData", "ViewSetup", "ZarrArraySource", "compose",
-           "group_views", "read_bigstitcher", "read_spimdata", "world_unit", "xyz_to_index"]
+           "group_views", "read_bigstitcher", "read_spimdata", "spimdata_timepoints",
+           "world_unit", "xyz_to_index"]
 
 View = tuple[int, int]  # (timepoint, setup)
 _PERMUTE = np.eye(4)[[2, 1, 0, 3]]
@@ -558,6 +559,54 @@ def world_unit(
     return (float(mean[0]), float(mean[1]), float(mean[2])), units.pop()
 
 
+def _illumination_id(illumination: int | str, path: Path) -> int:
+    try:
+        return int(illumination)
+    except ValueError:
+        raise _fail(path, f"illumination must be an id or 'all', got {illumination!r}") from None
+
+
+def spimdata_timepoints(
+    spim: SpimData, *, illumination: int | str | None = None
+) -> list[int]:
+    """Timepoint ids with at least one present view, sorted (what ``timepoint=`` takes).
+
+    Timepoints listed in ``<Timepoints>`` whose views are all ``MissingViews`` are left
+    out. With an ``illumination`` id, only timepoints holding a view of that illumination
+    are kept (``"all"`` and ``None`` keep every timepoint).
+
+    Raises
+    ------
+    InputError
+        For a dataset without ViewSetups or without any present view.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> xml = Path(tempfile.mkdtemp()) / "dataset.xml"
+    >>> _ = xml.write_text(
+    ...     "<SpimData><SequenceDescription><ViewSetups><ViewSetup><id>0</id></ViewSetup>"
+    ...     "</ViewSetups><Timepoints type='range'><first>0</first><last>2</last></Timepoints>"
+    ...     "<MissingViews><MissingView timepoint='1' setup='0'/></MissingViews>"
+    ...     "</SequenceDescription></SpimData>")
+    >>> spimdata_timepoints(read_spimdata(xml))
+    [0, 2]
+    """
+    if not spim.setups:
+        raise _fail(spim.path, "no ViewSetups (empty SequenceDescription); nothing to read")
+    views = spim.views()
+    every = isinstance(illumination, str) and illumination.strip().lower() == "all"
+    ill = None if illumination is None or every else _illumination_id(illumination, spim.path)
+    if ill is not None:
+        views = [v for v in views if spim.setups[v[1]].attributes.get("illumination", 0) == ill]
+    tps = sorted({t for t, _ in views})
+    if not tps:
+        raise _fail(spim.path, f"no view of illumination {ill} at any timepoint"
+                    if ill is not None else "every view is missing (MissingViews); nothing "
+                    "to read")
+    return tps
+
+
 def group_views(
     spim: SpimData, *, timepoint: int | None = None, illumination: int | str | None = None
 ) -> tuple[int, dict[tuple[int, int, int], dict[int, View]], list[int]]:
@@ -586,10 +635,8 @@ def group_views(
     >>> tiles[(1, 0, 0)], channels
     ({0: (0, 1), 1: (0, 3)}, [0, 1])
     """
-    if not spim.setups:
-        raise _fail(spim.path, "no ViewSetups (empty SequenceDescription); nothing to read")
+    tps = spimdata_timepoints(spim)
     views = spim.views()
-    tps = sorted({t for t, _ in views})
     tp = tps[0] if timepoint is None else int(timepoint)
     if tp not in tps:
         raise _fail(spim.path, f"timepoint {tp} does not exist (timepoints {tps})")
@@ -597,7 +644,8 @@ def group_views(
     attrs = {v: spim.setups[v[1]].attributes for v in views}
     ills = sorted({a.get("illumination", 0) for a in attrs.values()})
     every = isinstance(illumination, str) and illumination.strip().lower() == "all"
-    ill = None if every else (ills[0] if illumination is None else int(illumination))
+    ill = None if every else (ills[0] if illumination is None
+                              else _illumination_id(illumination, spim.path))
     if ill is not None and ill not in ills:
         raise _fail(spim.path, f"illumination {ill} does not exist (illuminations {ills})")
     tiles: dict[tuple[int, int, int], dict[int, View]] = {}

@@ -32,7 +32,7 @@ from ..layout import translation_affine
 from .images import PlanewiseSource, file_stamp
 from .tileset import TileSet, normalise_pixel_size
 
-__all__ = ["CziTileSource", "read_czi"]
+__all__ = ["CziTileSource", "czi_timepoints", "read_czi"]
 
 
 def _czifile() -> Any:
@@ -165,6 +165,64 @@ def _channel_names(metadata: str | None, n: int) -> list[str]:
     return names + [f"C{k}" for k in range(len(names), n)]
 
 
+_Entry = tuple[Any, dict[str, tuple[int, int, int]], np.dtype, int]
+
+
+def _mosaic_entries(file: Path) -> tuple[list[_Entry], str | None]:
+    """Full-resolution directory entries (entry, dims, dtype, samples) and the metadata.
+
+    Raises
+    ------
+    InputError
+        For a file that is not a readable CZI, a corrupt directory, or no mosaic index.
+    """
+    czi = _open(file)
+    try:
+        try:
+            directory = list(czi.subblock_directory)
+            metadata = czi.metadata()
+        except Exception as exc:  # truncated or corrupt directory
+            raise InputError(
+                f"{file}: corrupt CZI sub-block directory ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())})"
+            ) from None
+        entries = [(e, *_entry_facts(czi, e)) for e in directory if int(e.pyramid_type) == 0]
+    finally:
+        czi.close()
+    entries = [item for item in entries
+               if all(item[1][a][1] == item[1][a][2] for a in "XY" if a in item[1])]
+    if not entries:
+        raise InputError(f"{file}: no image sub-blocks at full resolution")
+    if all("M" not in dims for _, dims, _, _ in entries):
+        raise InputError(
+            f"{file}: CZI without mosaic positions (no M index in the sub-block directory); "
+            "this file holds a single field of view, nothing to stitch"
+        )
+    return entries, metadata
+
+
+def _t_values(entries: list[_Entry]) -> list[int]:
+    return sorted({dims.get("T", (0, 1, 1))[0] for _, dims, _, _ in entries})
+
+
+def czi_timepoints(path: str | os.PathLike[str]) -> list[int]:
+    """The time indices (``T`` starts of the sub-blocks, sorted) of a CZI mosaic.
+
+    Reads only the sub-block directory; each is a valid ``timepoint`` of :func:`read_czi`.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_czi` does for unreadable files or files without mosaic positions.
+
+    Examples
+    --------
+    >>> czi_timepoints("mosaic_test.czi")  # doctest: +SKIP
+    [0]
+    """
+    return _t_values(_mosaic_entries(Path(path))[0])
+
+
 def read_czi(
     path: str | os.PathLike[str],
     *,
@@ -204,29 +262,8 @@ def read_czi(
     """
     file = Path(path)
     stamp = file_stamp(file)
-    czi = _open(file)
-    try:
-        try:
-            directory = list(czi.subblock_directory)
-            metadata = czi.metadata()
-        except Exception as exc:  # truncated or corrupt directory
-            raise InputError(
-                f"{file}: corrupt CZI sub-block directory ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())})"
-            ) from None
-        entries = [(e, *_entry_facts(czi, e)) for e in directory if int(e.pyramid_type) == 0]
-    finally:
-        czi.close()
-    entries = [item for item in entries
-               if all(item[1][a][1] == item[1][a][2] for a in "XY" if a in item[1])]
-    if not entries:
-        raise InputError(f"{file}: no image sub-blocks at full resolution")
-    if all("M" not in dims for _, dims, _, _ in entries):
-        raise InputError(
-            f"{file}: CZI without mosaic positions (no M index in the sub-block directory); "
-            "this file holds a single field of view, nothing to stitch"
-        )
-    t_values = sorted({dims.get("T", (0, 1, 1))[0] for _, dims, _, _ in entries})
+    entries, metadata = _mosaic_entries(file)
+    t_values = _t_values(entries)
     t = t_values[0] if timepoint is None else int(timepoint)
     if t not in t_values:
         raise InputError(f"{file}: timepoint {t} does not exist (T indices {t_values})")

@@ -26,7 +26,7 @@ from .images import open_tile
 from .positions import read_positions, read_positions_csv, read_tile_configuration
 from .tileset import TileSet, tileset_from_positions
 
-__all__ = ["FORMATS", "detect_format", "read_tileset"]
+__all__ = ["FORMATS", "detect_format", "list_timepoints", "read_tileset"]
 
 #: Input formats :func:`read_tileset` reads, by the name ``format=`` takes.
 FORMATS = ("tileconfig", "csv", "ome-tiff", "bigstitcher", "czi", "grid")
@@ -102,6 +102,94 @@ def detect_format(path: str | os.PathLike[str], *, grid: object = None) -> str:
     return "tileconfig"
 
 
+#: Formats holding a single time point (id 0), and how messages call them.
+_SINGLE_TIMEPOINT = {"tileconfig": "positions files have", "csv": "positions files have",
+                     "grid": "a grid of images has"}
+
+
+def _checked_format(
+    p: Path,
+    format: str | None,
+    grid: object,
+    overlap: object,
+    pattern: object,
+    illumination: object,
+) -> str:
+    """Detect (or check) the format and reject options that do not apply to it."""
+    fmt = detect_format(p, grid=grid) if format is None else format
+    if fmt not in FORMATS:
+        raise InputError(f"--format: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt != "grid" and (grid is not None or overlap is not None or pattern is not None):
+        raise InputError(f"{p}: --grid, --overlap and --pattern apply only to --format grid")
+    if illumination is not None and fmt != "bigstitcher":
+        raise InputError(f"{p}: --illumination applies only to BigStitcher dataset.xml input")
+    return fmt
+
+
+def list_timepoints(
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    grid: str | Sequence[int] | None = None,
+    overlap: float | Sequence[float] | None = None,
+    pattern: str | None = None,
+    illumination: int | str | None = None,
+) -> list[int]:
+    """The time point ids of an input, in order: each is a valid ``read_tileset(timepoint=)``.
+
+    Reads metadata only (no pixels):
+
+    * BigStitcher ``dataset.xml``: the ``<Timepoints>`` ids with at least one view that is
+      not a ``MissingView`` (with ``illumination`` an id: one of that illumination);
+    * CZI: the ``T`` indices of the full-resolution sub-blocks;
+    * OME-TIFF: ``0 .. SizeT - 1`` (the smallest ``SizeT`` of the tiles), keeping the
+      indices whose planes are all stored;
+    * positions files (TileConfiguration, CSV) and grids: ``[0]``.
+
+    The first id is the one ``read_tileset`` reads when ``timepoint`` is not given.
+
+    Parameters
+    ----------
+    path, format, grid, overlap, pattern, illumination
+        As for :func:`read_tileset` (they select and check the format the same way).
+
+    Raises
+    ------
+    InputError
+        For an input that does not exist, options that do not apply, or metadata the
+        format's reader cannot parse (one line naming the file).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "pos.csv").write_text("file,x,y\\n")
+    >>> list_timepoints(d / "pos.csv"), list_timepoints(d, grid="2x2")
+    ([0], [0])
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    fmt = _checked_format(p, format, grid, overlap, pattern, illumination)
+    if fmt in _SINGLE_TIMEPOINT:
+        return [0]
+    if fmt == "ome-tiff":
+        from .ome_tiff import ome_tiff_timepoints
+
+        found = ome_tiff_timepoints(p)
+    elif fmt == "czi":
+        from .czi import czi_timepoints
+
+        found = czi_timepoints(p)
+    else:
+        from .bigstitcher import read_spimdata, spimdata_timepoints
+
+        found = spimdata_timepoints(read_spimdata(p), illumination=illumination)
+    if not found:
+        raise InputError(f"{p}: no time point has every plane of every tile")
+    return found
+
+
 def read_tileset(
     path: str | os.PathLike[str],
     *,
@@ -131,7 +219,8 @@ def read_tileset(
     channel : int or str, optional
         Keep only this channel (index or name); default every channel.
     timepoint : int, optional
-        Time point to read (default the first) for OME-TIFF, CZI and BigStitcher.
+        Time point to read (default the first) for OME-TIFF, CZI and BigStitcher; positions
+        files and grids have only time point 0. :func:`list_timepoints` lists them.
     illumination : int or "all", optional
         BigStitcher illumination to read (default the first); ``"all"`` keeps all.
     pixel_size : float or sequence of float, optional
@@ -163,13 +252,10 @@ def read_tileset(
     (2, [[0.0, 0.0], [0.0, 28.5]])
     """
     p = Path(path)
-    fmt = detect_format(p, grid=grid) if format is None else format
-    if fmt not in FORMATS:
-        raise InputError(f"--format: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt != "grid" and (grid is not None or overlap is not None or pattern is not None):
-        raise InputError(f"{p}: --grid, --overlap and --pattern apply only to --format grid")
-    if illumination is not None and fmt != "bigstitcher":
-        raise InputError(f"{p}: --illumination applies only to BigStitcher dataset.xml input")
+    fmt = _checked_format(p, format, grid, overlap, pattern, illumination)
+    if fmt in _SINGLE_TIMEPOINT and timepoint not in (None, 0):
+        raise InputError(f"{p}: {_SINGLE_TIMEPOINT[fmt]} one time point; --timepoint must be 0 "
+                         f"(got {timepoint})")
     if fmt == "grid":
         if grid is None:
             raise InputError(f"{p}: --format grid needs --grid ROWSxCOLS")
@@ -180,8 +266,6 @@ def read_tileset(
     elif fmt in ("tileconfig", "csv"):
         reader = {"tileconfig": read_tile_configuration, "csv": read_positions_csv}[fmt]
         table = reader(p) if format is not None else read_positions(p)
-        if timepoint not in (None, 0):
-            raise InputError(f"{p}: positions files have one time point; --timepoint must be 0")
         sources = [open_tile(f) for f in table.files]
         result = tileset_from_positions(sources, table.positions, [str(f) for f in table.files],
                                         p, pixel_size=pixel_size, unit=unit)

@@ -41,7 +41,8 @@ from .grid import natural_key
 from .images import PlanewiseSource, _quiet_tifffile, file_stamp
 from .tileset import TileSet, length_to_um, normalise_pixel_size
 
-__all__ = ["TiffPlanesSource", "open_tiff_planes", "read_ome_tiff", "tiff_series_planes"]
+__all__ = ["TiffPlanesSource", "ome_tiff_timepoints", "open_tiff_planes", "read_ome_tiff",
+           "tiff_series_planes"]
 
 _CHANNEL_TOKEN = re.compile(r"(--|_|-)(C|c|CH|Ch|ch)(\d+)(?=$|[-_.])")
 _OME_SUFFIXES = (".ome.tif", ".ome.tiff")
@@ -516,6 +517,51 @@ def _group_by_channel_token(images: list[_Image], root: Path) -> list[list[_Imag
     return out
 
 
+def _images_and_groups(root: Path) -> tuple[list[_Image], list[list[_Image]]]:
+    """Every OME Image under ``root`` (each once), and the Images grouped into tiles."""
+    counts = _PageCounts()
+    images: list[_Image] = []
+    seen: set[tuple[str, str]] = set()
+    for file in _list_files(root):
+        for img in _images_in_file(file, counts):
+            if img.key not in seen:
+                seen.add(img.key)
+                images.append(img)
+    return images, _group_by_channel_token(images, root)
+
+
+def _has_timepoint(group: list[_Image], t: int) -> bool:
+    """Whether every plane of time index ``t`` of a tile is stored (what reading needs)."""
+    return 0 <= t < group[0].sizes["t"] and all(
+        (c, z, t) in img.planes
+        for img in group for c in range(img.sizes["c"]) for z in range(img.sizes["z"]))
+
+
+def ome_tiff_timepoints(path: str | os.PathLike[str]) -> list[int]:
+    """Time indices (``T``, from 0) that :func:`read_ome_tiff` can read: those below every
+    tile's ``SizeT`` (grown by ``TiffData FirstT``) whose planes are all stored.
+
+    Reads only the OME-XML, no pixels.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_ome_tiff` does for unreadable files or metadata.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> tifffile.imwrite(d / "a.ome.tif", np.zeros((3, 8, 8), np.uint8),
+    ...                  metadata={"axes": "TYX"})
+    >>> ome_tiff_timepoints(d)
+    [0, 1, 2]
+    """
+    _, groups = _images_and_groups(Path(path))
+    n = min(g[0].sizes["t"] for g in groups)
+    return [t for t in range(n) if all(_has_timepoint(g, t) for g in groups)]
+
+
 def _tile_position(img: _Image, timepoint: int, where: str) -> dict[str, float]:
     candidates = [(0, 0, timepoint)] + sorted(k for k in img.positions if k[2] == timepoint)
     for key in candidates + sorted(img.positions):
@@ -576,15 +622,7 @@ def read_ome_tiff(
     """
     root = Path(path)
     t = 0 if timepoint is None else int(timepoint)
-    counts = _PageCounts()
-    images: list[_Image] = []
-    seen: set[tuple[str, str]] = set()
-    for file in _list_files(root):
-        for img in _images_in_file(file, counts):
-            if img.key not in seen:
-                seen.add(img.key)
-                images.append(img)
-    groups = _group_by_channel_token(images, root)
+    images, groups = _images_and_groups(root)
     n_channels = {sum(img.sizes["c"] for img in g) for g in groups}
     if len(n_channels) > 1:
         raise InputError(
@@ -598,7 +636,7 @@ def read_ome_tiff(
     for group in groups:
         first = group[0]
         where = f"{first.key[0]} ({first.label})"
-        if t >= first.sizes["t"]:
+        if not 0 <= t < first.sizes["t"]:
             raise InputError(f"{where}: timepoint {t} does not exist (SizeT={first.sizes['t']})")
         c_out = 0
         for img in group:
