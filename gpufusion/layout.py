@@ -117,6 +117,11 @@ class Mosaic:
         """``(n, ndim)`` world position of each tile's pixel 0 (the affines' translations)."""
         return np.stack([t.affine[: self.ndim, self.ndim] for t in self.tiles])
 
+    def with_grid(self, origin: Sequence[int], shape: Sequence[int]) -> Mosaic:
+        """Return a copy fused into another output grid (e.g. one shared by time points)."""
+        return Mosaic(self.tiles, np.asarray(origin, dtype=np.int64).reshape(self.ndim),
+                      tuple(int(n) for n in shape), self.pixel_size, self.unit)
+
     def with_affines(self, affines: Sequence[np.ndarray] | np.ndarray) -> Mosaic:
         """Return a copy whose tiles carry new world affines (the grid is recomputed)."""
         tiles = [Tile(t.source, np.asarray(a, dtype=np.float64), t.name)
@@ -191,7 +196,7 @@ def mosaic_from_positions(
     >>> import numpy as np
     >>> m = mosaic_from_positions([np.ones((4, 5)), np.ones((4, 5))], [(0, 0), (0, 3.5)])
     >>> m.shape
-    (4, 9)
+    (4, 8)
     """
     pos = np.asarray(positions, dtype=np.float64)
     if pos.ndim != 2 or pos.shape[0] != len(tiles):

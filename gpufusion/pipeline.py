@@ -84,9 +84,10 @@ def fuse_to_file(
 
     Parameters
     ----------
-    mosaic : Mosaic or sequence of Mosaic
-        One mosaic, or one per channel (same layout): channels are fused with the same
-        plan and written as a leading ``c`` axis.
+    mosaic : Mosaic, sequence of Mosaic, or sequence of sequences of Mosaic
+        One mosaic; one per channel (same layout), written as a leading ``c`` axis; or
+        ``[t][c]`` for time points, written as ``t, c`` axes (time points are fused into
+        their common bounding box, so stage drift between them is kept).
     out : path
         ``*.ome.zarr`` (a folder) or ``*.ome.tif``.
     backend : {"numpy", "cupy", "auto"}
@@ -104,40 +105,81 @@ def fuse_to_file(
     >>> m = make_mosaic((2, 2), (64, 64)).mosaic()
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> fuse_to_file(m, d / "m.ome.zarr", chunks=32).shape
-    (121, 121)
+    (124, 124)
     """
     out = check_output_path(out, overwrite)
-    channels = [mosaic] if isinstance(mosaic, Mosaic) else list(mosaic)
-    first = channels[0]
-    for m in channels[1:]:
-        if m.shape != first.shape or not np.array_equal(m.origin, first.origin):
-            raise InputError("channels: every channel must have the same tile layout")
+    grid, lead = _as_time_channel_grid(mosaic)
+    first = grid[0][0]
     name, _ = resolve_backend(backend)
     t0 = time.perf_counter()
-    fused = [fuse(m, chunks=chunks, blend=blend, blend_width=blend_width,
-                  interpolation=interpolation, dtype=dtype, backend=name) for m in channels]
-    axes = SPATIAL_AXES[first.ndim]
-    image, out_chunks = fused[0], (chunks,) * first.ndim
-    if not isinstance(mosaic, Mosaic):
-        image = da.stack(fused)  # one zarr chunk per channel
-        axes, out_chunks = ("c", *axes), (1, *out_chunks)
-    if name == "cupy":  # the writer stores host arrays: one device-to-host copy per chunk
-        image = image.map_blocks(_to_host, dtype=image.dtype,
-                                 meta=np.empty((0,) * image.ndim, image.dtype))
+    fused = [da.stack([fuse(m, chunks=chunks, blend=blend, blend_width=blend_width,
+                            interpolation=interpolation, dtype=dtype, backend=name)
+                       for m in channels]) for channels in grid]
+    image = da.stack(fused)  # (t, c, ...): one zarr chunk per time point and channel
+    image = image.reshape(image.shape[2 - len(lead):]) if len(lead) < 2 else image
+    axes = (*lead, *SPATIAL_AXES[first.ndim])
+    out_chunks = (*(1,) * len(lead), *(chunks,) * first.ndim)
     pixel = first.pixel_size or (1.0,) * first.ndim
     origin = tuple(float(o) * p for o, p in zip(first.origin, pixel, strict=True))
     common = {"axes": axes, "pixel_size": pixel, "unit": first.unit, "origin": origin,
               "overwrite": overwrite, "progress": progress, "scheduler": scheduler}
     if is_tiff_path(out):
+        if name == "cupy":  # the TIFF writer stores host arrays: one copy per chunk
+            image = image.map_blocks(_to_host, dtype=image.dtype,
+                                     meta=np.empty((0,) * image.ndim, image.dtype))
         tiff_codec = compressor if compressor in TIFF_COMPRESSIONS else "zlib"
         write_ome_tiff(image, out, compression=tiff_codec, **common)
     else:
         write_ome_zarr(image, out, ngff_version=ngff_version, chunks=out_chunks,
                        compressor=compressor, anisotropic_pyramid=first.pixel_size is not None,
-                       **common)
+                       **_zarr_pyramid_options(name), **common)
     seconds = time.perf_counter() - t0
     return FuseResult(out, tuple(image.shape), np.dtype(image.dtype), len(first), name,
                       seconds)
+
+
+def _as_time_channel_grid(mosaic: Any) -> tuple[list[list[Mosaic]], tuple[str, ...]]:
+    """Normalise one mosaic, channels ``[c]`` or time points x channels ``[t][c]``.
+
+    Returns the ``[t][c]`` grid, every mosaic on one shared output grid, and the leading
+    axes the output gets: ``()``, ``("c",)`` or ``("t", "c")``.
+    """
+    if isinstance(mosaic, Mosaic):
+        grid, lead = [[mosaic]], ()
+    elif all(isinstance(m, Mosaic) for m in mosaic):
+        grid, lead = [list(mosaic)], ("c",)
+    else:
+        grid, lead = [list(channels) for channels in mosaic], ("t", "c")
+    flat = [m for channels in grid for m in channels]
+    if not flat or any(len(channels) != len(grid[0]) for channels in grid):
+        raise InputError("channels: every time point must have the same number of channels")
+    first = flat[0]
+    if any(m.ndim != first.ndim for m in flat):
+        raise InputError("channels: every channel and time point must have the same ndim")
+    for channels in grid:
+        for m in channels[1:]:
+            if m.shape != channels[0].shape or not np.array_equal(m.origin, channels[0].origin):
+                raise InputError("channels: every channel must have the same tile layout")
+    lo = np.min([m.origin for m in flat], axis=0)
+    hi = np.max([m.origin + np.asarray(m.shape) for m in flat], axis=0)
+    if len(grid) > 1:  # time points may drift: fuse all into their common bounding box
+        grid = [[m.with_grid(lo, hi - lo) for m in channels] for channels in grid]
+    return grid, lead
+
+
+def _zarr_pyramid_options(backend: str) -> dict[str, Any]:
+    """How :func:`write_ome_zarr` builds the pyramid for ``backend``.
+
+    CuPy blocks are downsampled on the device (``kernels/downsample.cu``) while they are
+    there, so each block and level crosses to the host once, only to be stored.
+    """
+    if backend != "cupy":
+        return {}
+    import cupy
+
+    from .backends.cupy_backend import downsample_mean2_gpu
+
+    return {"pyramid": "inline", "downsample": downsample_mean2_gpu, "to_host": cupy.asnumpy}
 
 
 def _to_host(block: Any) -> np.ndarray:

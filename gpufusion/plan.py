@@ -173,7 +173,7 @@ def plan_fusion(mosaic: Mosaic, chunks: int | Sequence[int] | Sequence[Sequence[
     >>> m = mosaic_from_positions([np.ones((8, 8))] * 2, [(0, 0), (0, 6)])
     >>> p = plan_fusion(m, 7)
     >>> p.numblocks, p.n_entries
-    ((2, 2), 6)
+    ((2, 2), 8)
     """
     chunks = normalize_chunks(chunks, mosaic.shape)
     ndim = mosaic.ndim

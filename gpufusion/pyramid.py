@@ -340,6 +340,124 @@ def _regular_chunks(size: int, chunk: int) -> tuple[int, ...]:
     return (chunk,) * full + ((rest,) if rest else ())
 
 
+def blockwise_level_chunks(
+    chunks: Sequence[Sequence[int]], factors: Sequence[int], min_chunk: int = 1
+) -> tuple[tuple[int, ...], ...] | None:
+    """Block sizes of the next level when every block is downsampled on its own, or None.
+
+    Downsampling block by block equals downsampling the whole array exactly when, on every
+    halved axis, every block but the last has an even size: each pair of samples then lies
+    in one block, and only the array's own odd trailing sample can end up alone. None when
+    that fails, or when on an axis of several blocks the halved blocks would be shorter
+    than ``min_chunk``.
+
+    Parameters
+    ----------
+    chunks : sequence of sequence of int
+        Block sizes per axis (dask's ``Array.chunks``).
+    factors : sequence of int
+        One factor (1 or 2) per axis.
+    min_chunk : int
+        Smallest halved block size accepted on an axis with several blocks.
+
+    Returns
+    -------
+    tuple of tuple of int or None
+        ``ceil(size / factor)`` for every block, or None.
+
+    Examples
+    --------
+    >>> blockwise_level_chunks(((128, 128, 104), (128, 128, 75)), (2, 2))
+    ((64, 64, 52), (64, 64, 38))
+    >>> blockwise_level_chunks(((5, 5), (8,)), (2, 2)) is None
+    True
+    """
+    out = []
+    for sizes, factor in zip(chunks, factors, strict=True):
+        sizes = tuple(int(s) for s in sizes)
+        head = sizes[:-1]
+        if factor == 2 and head and (any(s % 2 for s in head) or min(head) // 2 < min_chunk):
+            return None
+        out.append(tuple(-(-s // int(factor)) for s in sizes))
+    return tuple(out)
+
+
+def blockwise_level(
+    arr: da.Array,
+    factors: Sequence[int],
+    downsample: Callable[..., Any] = downsample_mean2,
+    min_chunk: int = 1,
+) -> da.Array | None:
+    """Downsample every block of ``arr`` on its own: one task per block, no regrouping.
+
+    The result equals :func:`pyramid_level` exactly; None when it would not (see
+    :func:`blockwise_level_chunks`). Blocks stay where they are (on the GPU for CuPy
+    blocks with ``downsample=downsample_mean2_gpu``).
+
+    Parameters
+    ----------
+    arr : dask.array.Array
+        Integer or floating-point array (NumPy or CuPy blocks).
+    factors : sequence of int
+        One factor (1 or 2) per axis.
+    downsample : callable
+        ``downsample(block, factors)``, :func:`downsample_mean2` or a twin of it.
+    min_chunk : int
+        See :func:`blockwise_level_chunks`.
+
+    Returns
+    -------
+    dask.array.Array or None
+        Same dtype and meta as ``arr``; block ``i`` is ``downsample(arr.blocks[i])``.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> a = da.from_array(np.arange(35, dtype=np.float32).reshape(5, 7), chunks=(4, 4))
+    >>> low = blockwise_level(a, (2, 2))
+    >>> low.chunks, bool((low.compute() == pyramid_level(a, (2, 2)).compute()).all())
+    (((2, 1), (2, 2)), True)
+    """
+    factors = tuple(int(f) for f in factors)
+    chunks = blockwise_level_chunks(arr.chunks, factors, min_chunk)
+    if chunks is None:
+        return None
+    return arr.map_blocks(downsample, factors=factors, chunks=chunks, dtype=arr.dtype,
+                          meta=arr._meta)
+
+
+def blockwise_levels(
+    arr: da.Array,
+    plan: Sequence[Sequence[int]],
+    downsample: Callable[..., Any] = downsample_mean2,
+    min_chunk: int = 1,
+) -> list[da.Array]:
+    """Levels 1, 2, ... of ``plan`` by :func:`blockwise_level`, as long as that is exact.
+
+    Returns
+    -------
+    list of dask.array.Array
+        The leading levels of ``plan`` (possibly none); each block of level ``k + 1`` is
+        computed from the matching block of level ``k``, so every block of ``arr`` feeds
+        all of them while it is in memory.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> img = da.zeros((1000, 731), dtype="uint16", chunks=128)
+    >>> [lvl.chunksize for lvl in blockwise_levels(img, [(2, 2)] * 3, min_chunk=32)]
+    [(64, 64), (32, 32)]
+    """
+    levels: list[da.Array] = []
+    for factors in plan:
+        lower = blockwise_level(levels[-1] if levels else arr, factors, downsample, min_chunk)
+        if lower is None:
+            break
+        levels.append(lower)
+    return levels
+
+
 def pyramid_level(
     arr: da.Array, factors: Sequence[int], chunks: Sequence[int] | None = None
 ) -> da.Array:

@@ -248,3 +248,22 @@ def test_fuse_with_registration_recovers_stage_errors(tmp_path: Path, capsys) ->
     truth = syn.ground_truth(origin, fused.shape)
     inner = (slice(10, fused.shape[0] - 10), slice(10, fused.shape[1] - 10))
     assert psnr(fused[inner], truth[inner]) >= 35
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys, tmp_path: Path) -> None:
+    import argparse
+
+    from gpufusion.cli import show_progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert show_progress(argparse.Namespace(quiet=False))
+    assert not show_progress(argparse.Namespace(quiet=True))
+    # on a terminal the fuse shows dask's progress bar on stderr
+    code, _, err = run_cli(["demo", "--out", tmp_path, "--tiles", "1x2", "--tile", "64",
+                            "--backend", "numpy"], capsys)
+    assert code == 0 and "Completed" in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not show_progress(argparse.Namespace(quiet=False))
+    code, _, err = run_cli(["demo", "--out", tmp_path, "--tiles", "1x2", "--tile", "64",
+                            "--backend", "numpy"], capsys)
+    assert code == 0 and "Completed" not in err

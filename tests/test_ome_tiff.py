@@ -266,7 +266,7 @@ def test_progress_bars(tmp_path, capsys):
         tile=64,
         progress=True,
     )
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # progress goes to stderr
     assert "Completed" in printed  # dask, while staging
     assert "100% OME-TIFF tiles" in printed
 
@@ -291,7 +291,7 @@ def test_distributed_client_scheduler(tmp_path, capsys):
     levels = read_levels(out)
     assert [lv.shape for lv in levels] == [(2, 300, 200), (2, 150, 100), (2, 75, 50), (2, 38, 25)]
     np.testing.assert_array_equal(levels[0], data)
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "Completed" not in printed  # no local dask bar on a cluster; the tile bar is local
     assert "100% OME-TIFF tiles" in printed
     assert leftovers(tmp_path, "d.ome.tif") == []

@@ -55,3 +55,17 @@ def test_pixel_size_and_origin_reach_the_metadata(tmp_path: Path) -> None:
     t0 = ms["datasets"][0]["coordinateTransformations"]
     assert t0[0]["scale"] == [0.5, 0.25]
     assert t0[1]["translation"] == [10 * 0.5, 20 * 0.25]
+
+
+def test_time_points_become_a_t_axis_in_their_common_grid(tmp_path: Path) -> None:
+    syn = make_mosaic((1, 2), (64, 64), seed=6)
+    t0 = syn.mosaic()
+    t1 = syn.mosaic(positions=syn.positions + [3.0, 5.0])  # the stage drifted by (3, 5)
+    result = fuse_to_ome_zarr([[t0, t0], [t1, t1]], tmp_path / "t.ome.zarr", chunks=40)
+    assert result.shape == (2, 2, t0.shape[0] + 3, t0.shape[1] + 5)
+    img = zarr.open_group(str(tmp_path / "t.ome.zarr"), mode="r")["0"][...]
+    a, b = fuse(t0, chunks=40).compute(), fuse(t1, chunks=40).compute()
+    np.testing.assert_array_equal(img[0, 1, : a.shape[0], : a.shape[1]], a)
+    np.testing.assert_array_equal(img[1, 0, 3:, 5:], b)
+    info = read_ome_zarr_info(tmp_path / "t.ome.zarr")
+    assert [a["name"] for a in info["axes"]] == ["t", "c", "y", "x"]

@@ -203,3 +203,23 @@ def test_timepoint_option_values(tmp_path, capsys):
     with pytest.raises(InputError) as excinfo:
         list_timepoints(tmp_path / "absent.xml")
     one_line(excinfo, "absent.xml", "no such file")
+
+
+def test_fuse_all_timepoints_writes_a_t_axis(tmp_path, scene, capsys):
+    """End to end: ``fuse dataset.xml --timepoint all`` gives t, c, z, y, x."""
+    import zarr
+
+    from gpufusion.cli import main
+
+    xml = two_timepoint_dataset(tmp_path, scene)
+    out = tmp_path / "tc.ome.zarr"
+    code = main(["fuse", str(xml), "-o", str(out), "--timepoint", "all", "--chunk", "32",
+                 "-q", "--backend", "numpy"])
+    assert code == 0, capsys.readouterr().err
+    img = zarr.open_group(str(out), mode="r")["0"]
+    assert img.ndim == 5 and img.shape[:2] == (2, 2)
+    level0 = img[...]
+    # timepoint 1 holds the timepoint-0 pixels halved (integer division): so does the fusion
+    t0, t1 = level0[0].astype(np.int64), level0[1].astype(np.int64)
+    assert np.abs(t1 - t0 // 2).max() <= 1
+    assert t0.max() > 100

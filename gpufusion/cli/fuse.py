@@ -128,17 +128,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cluster import connect, parse_gpus
     from ..pipeline import check_output_path, fuse_to_file
-    from .inputs import tileset_from_args
+    from .inputs import tilesets_from_args
 
     out = check_output_path(args.output, args.overwrite)
     if args.pixel_size is not None and not args.pixel_size > 0:
         raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
-    tiles = tileset_from_args(args)
-    channels = tiles.mosaics()
+    timepoints = tilesets_from_args(args)  # one unless --timepoint all
+    tiles = timepoints[0]
     backend = resolve_backend_with_notice(args)
-    if args.register:
-        channels = register_channels(args, channels, tiles.channel_names, backend)
-    mosaic = channels[0] if len(channels) == 1 else channels
+    grid = []
+    for tileset in timepoints:
+        channels = tileset.mosaics()
+        if args.register:  # each time point on its own: the stage may drift between them
+            channels = register_channels(args, channels, tileset.channel_names, backend)
+        grid.append(channels)
+    # [t][c] for several time points, [c] for channels, or one mosaic
+    single = grid[0][0] if len(grid[0]) == 1 else grid[0]
+    mosaic = grid if len(grid) > 1 else single
     gpus = parse_gpus(args.gpus) if args.gpus else None
     with connect(gpus=gpus, scheduler=args.scheduler) as client:
         if client is not None:

@@ -348,7 +348,7 @@ def _tiles(level: zarr.Array, tile: tuple[int, int]) -> Iterator[np.ndarray]:
 
 
 class _TileProgress:
-    """A one-line text progress bar over the tiles of every level (stdout, like dask's)."""
+    """A one-line text progress bar over the tiles of every level, on stderr."""
 
     def __init__(self, total: int, width: int = 40) -> None:
         self.total, self.width, self.done = max(total, 1), width, 0
@@ -367,10 +367,10 @@ class _TileProgress:
         bar = "#" * filled + " " * (self.width - filled)
         percent = 100 * self.done // self.total
         elapsed = self.shown - self.start
-        sys.stdout.write(f"\r[{bar}] | {percent:3d}% OME-TIFF tiles | {elapsed:.1f}s")
+        sys.stderr.write(f"\r[{bar}] | {percent:3d}% OME-TIFF tiles | {elapsed:.1f}s")
         if self.done == self.total:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def _tile_count(shape: tuple[int, ...], tile: tuple[int, int]) -> int:
