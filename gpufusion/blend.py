@@ -65,16 +65,17 @@ def check_interpolation(interp: str) -> str:
 def resolve_blend(
     mode: str, width: float | Sequence[float] | None, ndim: int, default: Sequence[float]
 ) -> BlendSpec:
-    """Validate a blend mode and width; ``None`` width takes ``default``."""
+    """Validate a blend mode and width; ``None`` (for all axes or per axis) takes ``default``."""
     check_blend_mode(mode)
     if width is None:
         w = tuple(float(v) for v in default)
-    elif np.ndim(width) == 0:
-        w = (float(width),) * ndim  # type: ignore[arg-type]
+    elif isinstance(width, int | float | np.number):
+        w = (float(width),) * ndim
     else:
-        w = tuple(float(v) for v in width)  # type: ignore[union-attr]
-    if len(w) != ndim:
-        raise InputError(f"blend width: expected 1 or {ndim} values, got {len(w)}")
+        given = list(width)
+        if len(given) != ndim:
+            raise InputError(f"blend width: expected 1 or {ndim} values, got {len(given)}")
+        w = tuple(float(default[i] if v is None else v) for i, v in enumerate(given))
     for v in w:
         if not math.isfinite(v) or v < 0:
             raise InputError(f"blend width: must be a finite number >= 0, got {v}")

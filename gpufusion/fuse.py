@@ -67,7 +67,8 @@ def fusion_params(
     check_interpolation(interpolation)
     lo, hi = mosaic.tile_bounds()
     default = None
-    if blend_width is None:
+    if blend_width is None or (isinstance(blend_width, Sequence)
+                               and any(v is None for v in blend_width)):
         default = default_blend_width(lo, hi, overlapping_pairs(lo, hi))
     spec = resolve_blend(blend, blend_width, mosaic.ndim, default or ())
     return FusionParams(spec.mode, interpolation, spec.width, output_dtype(mosaic, dtype))
@@ -95,7 +96,8 @@ def fuse(
     blend : {"linear", "cosine", "average", "max", "overlay"}
         How overlaps are combined (see :mod:`gpufusion.blend`).
     blend_width : float or sequence of float, optional
-        Ramp width in pixels; default half the median overlap between neighbours.
+        Ramp width in pixels, one for all axes or one per axis (index order; ``None`` for an
+        axis takes the default): half the median overlap between neighbours.
     interpolation : {"linear", "nearest"}
     dtype : "same", a NumPy dtype, or None
         Output dtype; default the tiles' dtype (rounded half-to-even and clipped).

@@ -267,3 +267,9 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys, tmp_path: Path) ->
     code, _, err = run_cli(["demo", "--out", tmp_path, "--tiles", "1x2", "--tile", "64",
                             "--backend", "numpy"], capsys)
     assert code == 0 and "Completed" not in err
+
+
+def test_blend_width_z_needs_3d_tiles(tile_dir: Path, capsys) -> None:
+    code, _, err = run_cli(["fuse", tile_dir / "pos.csv", "-o", tile_dir / "o.ome.zarr",
+                            "--blend-width-z", "4"], capsys)
+    assert code == 2 and "--blend-width-z" in err and err.count("\n") == 1

@@ -119,6 +119,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run on an existing Dask cluster, e.g. tcp://host:8786")
     add_input_options(p)
     add_fusion_options(p)
+    p.add_argument("--blend-width-z", type=non_negative_float, default=None, metavar="PX",
+                   help="3D: blending ramp width along z (default: as --blend-width)")
     p.add_argument("--register", action="store_true",
                    help="correct the positions by registration before fusing")
     add_registration_options(p)
@@ -135,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
     timepoints = tilesets_from_args(args)  # one unless --timepoint all
     tiles = timepoints[0]
+    if args.blend_width_z is not None and tiles.ndim != 3:
+        raise InputError("--blend-width-z: applies to 3D tiles; these are 2D")
     backend = resolve_backend_with_notice(args)
     grid = []
     for tileset in timepoints:
@@ -145,12 +149,13 @@ def run(args: argparse.Namespace) -> int:
     # [t][c] for several time points, [c] for channels, or one mosaic
     single = grid[0][0] if len(grid[0]) == 1 else grid[0]
     mosaic = grid if len(grid) > 1 else single
+    kwargs = fusion_kwargs(args, backend)
+    if args.blend_width_z is not None:
+        kwargs["blend_width"] = (args.blend_width_z, args.blend_width, args.blend_width)
     gpus = parse_gpus(args.gpus) if args.gpus else None
     with connect(gpus=gpus, scheduler=args.scheduler) as client:
         if client is not None:
             notice(args, f"running on {client.dashboard_link or client.scheduler.address}")
-        kwargs = fusion_kwargs(args, backend)
-        if client is not None:
             kwargs["progress"] = False  # the dashboard shows progress on a cluster
         result = fuse_to_file(mosaic, out, overwrite=args.overwrite, **kwargs)
     if not args.quiet:
