@@ -112,11 +112,16 @@ def fuse_to_file(
     first = grid[0][0]
     name, _ = resolve_backend(backend)
     t0 = time.perf_counter()
-    fused = [da.stack([fuse(m, chunks=chunks, blend=blend, blend_width=blend_width,
-                            interpolation=interpolation, dtype=dtype, backend=name)
-                       for m in channels]) for channels in grid]
-    image = da.stack(fused)  # (t, c, ...): one zarr chunk per time point and channel
-    image = image.reshape(image.shape[2 - len(lead):]) if len(lead) < 2 else image
+    fused = [[fuse(m, chunks=chunks, blend=blend, blend_width=blend_width,
+                   interpolation=interpolation, dtype=dtype, backend=name) for m in channels]
+             for channels in grid]
+    # one zarr chunk per time point and channel; no stacking layers for a single mosaic
+    if not lead:
+        image = fused[0][0]
+    elif lead == ("c",):
+        image = da.stack(fused[0])
+    else:
+        image = da.stack([da.stack(channels) for channels in fused])
     axes = (*lead, *SPATIAL_AXES[first.ndim])
     out_chunks = (*(1,) * len(lead), *(chunks,) * first.ndim)
     pixel = first.pixel_size or (1.0,) * first.ndim
