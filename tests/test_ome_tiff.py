@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import threading
 import tracemalloc
 import xml.etree.ElementTree as ET
-from collections import Counter
 from pathlib import Path
 
 import dask
@@ -23,36 +21,16 @@ from gpufusion.writers import ome_tiff
 from gpufusion.writers.ome_tiff import COMPRESSIONS, write_ome_tiff
 from gpufusion.writers.ome_zarr import read_ome_zarr_info, write_ome_zarr
 
+from .writer_helpers import counting_image, leftovers, random_image
+
 OME_NS = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
 HAVE_IMAGECODECS = importlib.util.find_spec("imagecodecs") is not None
 
 # --------------------------------------------------------------------------------- helpers
 
 
-def random_image(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if np.issubdtype(np.dtype(dtype), np.integer):
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
-    return (rng.standard_normal(shape) * 100).astype(dtype)
 
 
-def counting_image(
-    data: np.ndarray, chunks: int | tuple[int, ...], fail_at: tuple[int, ...] | None = None
-) -> tuple[da.Array, Counter]:
-    """A dask array whose blocks count their own evaluation (and optionally fail)."""
-    calls: Counter = Counter()
-    lock = threading.Lock()
-
-    def produce(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        location = tuple(block_info[0]["chunk-location"])
-        with lock:
-            calls[location] += 1
-        if location == fail_at:
-            raise RuntimeError(f"boom in block {location}")
-        return block.copy()
-
-    return da.from_array(data, chunks=chunks).map_blocks(produce, dtype=data.dtype), calls
 
 
 def read_levels(path: Path) -> list[np.ndarray]:
@@ -93,8 +71,6 @@ def assert_matches_reference(level: np.ndarray, reference: np.ndarray) -> None:
     np.testing.assert_allclose(region, reference, rtol=1e-5, atol=atol * 2)
 
 
-def leftovers(parent: Path, keep: str) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name != keep)
 
 
 # ------------------------------------------------------------------------ layout and data

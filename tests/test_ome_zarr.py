@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from pathlib import Path
 
 import dask.array as da
@@ -33,6 +31,8 @@ from gpufusion.writers.ome_zarr import (
     write_ome_zarr,
 )
 
+from .writer_helpers import counting_image, leftovers, random_image
+
 # --------------------------------------------------------------------------- references
 
 
@@ -61,12 +61,6 @@ def reference_pyramid(a: np.ndarray, plan: list[tuple[int, ...]]) -> list[np.nda
     return levels
 
 
-def random_image(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if np.issubdtype(np.dtype(dtype), np.integer):
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
-    return (rng.standard_normal(shape) * 100).astype(dtype)
 
 
 def tolerance(dtype: np.dtype) -> dict[str, float]:
@@ -76,27 +70,8 @@ def tolerance(dtype: np.dtype) -> dict[str, float]:
     return {"rtol": 1e-6, "atol": 1e-4}
 
 
-def counting_image(
-    data: np.ndarray, chunks: int | tuple[int, ...], fail_at: tuple[int, ...] | None = None
-) -> tuple[da.Array, Counter]:
-    """A dask array whose blocks count their own evaluation (and optionally fail)."""
-    calls: Counter = Counter()
-    lock = threading.Lock()
-    source = da.from_array(data, chunks=chunks)
-
-    def produce(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        location = tuple(block_info[0]["chunk-location"])
-        with lock:
-            calls[location] += 1
-        if location == fail_at:
-            raise RuntimeError(f"boom in block {location}")
-        return block.copy()
-
-    return source.map_blocks(produce, dtype=data.dtype), calls
 
 
-def leftovers(parent: Path, keep: str) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name != keep)
 
 
 # ----------------------------------------------------------------------- downsample_mean2

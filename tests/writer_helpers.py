@@ -1,0 +1,41 @@
+"""Helpers shared by the writer tests (OME-Zarr and OME-TIFF)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+
+def random_image(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
+    return (rng.standard_normal(shape) * 100).astype(dtype)
+
+
+def counting_image(
+    data: np.ndarray, chunks: int | tuple[int, ...], fail_at: tuple[int, ...] | None = None
+) -> tuple[da.Array, Counter]:
+    """A dask array whose blocks count their own evaluation (and optionally fail)."""
+    calls: Counter = Counter()
+    lock = threading.Lock()
+
+    def produce(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        location = tuple(block_info[0]["chunk-location"])
+        with lock:
+            calls[location] += 1
+        if location == fail_at:
+            raise RuntimeError(f"boom in block {location}")
+        return block.copy()
+
+    return da.from_array(data, chunks=chunks).map_blocks(produce, dtype=data.dtype), calls
+
+
+def leftovers(parent: Path, keep: str) -> list[str]:
+    """Names in ``parent`` other than ``keep`` (temporary folders a write left behind)."""
+    return sorted(p.name for p in parent.iterdir() if p.name != keep)
