@@ -9,7 +9,8 @@ The flow, one module per step::
     solve.solve_positions      weighted least squares over all positions (scipy.sparse),
                                residual-based outlier rejection, unregistered tiles placed
                                from their neighbours
-    quality.overlap_ncc        reference-free score of positions: overlap NCC per pair
+    quality.overlap_ncc        reference-free score of positions: sub-pixel overlap NCC of
+                               every overlapping pair
     report                     positions CSV (fuse input), edge table CSV, HTML/SVG/PNG picture
 
 :func:`register_mosaic` runs them all and returns a :class:`RegistrationResult` whose
@@ -37,7 +38,7 @@ from .pairwise import (
     measure_pairs,
     translation_positions,
 )
-from .quality import mean_overlap_ncc, overlap_ncc
+from .quality import mean_overlap_ncc, overlap_ncc, overlapping_tile_pairs
 from .register import EdgeTable, RegistrationResult, RegistrationWarning, register_mosaic
 from .report import edges_path_for, write_edges_csv, write_positions_csv, write_report
 from .solve import SolveResult, solve_positions
@@ -54,6 +55,7 @@ __all__ = [
     "mean_overlap_ncc",
     "measure_pairs",
     "overlap_ncc",
+    "overlapping_tile_pairs",
     "register_mosaic",
     "solve_positions",
     "translation_positions",

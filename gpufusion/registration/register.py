@@ -29,7 +29,7 @@ from .pairwise import (
     resolve_registration_backend,
     translation_positions,
 )
-from .quality import overlap_ncc
+from .quality import overlap_ncc, overlapping_tile_pairs
 from .solve import solve_positions
 
 __all__ = ["EdgeTable", "RegistrationResult", "RegistrationWarning", "register_mosaic"]
@@ -114,8 +114,9 @@ class RegistrationResult:
     anchor : int
         The tile that keeps its nominal position.
     mean_ncc_before, mean_ncc_after : float
-        Mean overlap NCC of the candidate pairs at the nominal and registered positions
-        (:func:`~gpufusion.registration.mean_overlap_ncc`; NaN when not computed).
+        Mean overlap NCC at the nominal and registered positions, over every pair of tiles
+        that overlaps in either (diagonal neighbours included;
+        :func:`~gpufusion.registration.mean_overlap_ncc`; NaN when not computed).
     max_shift : ndarray (ndim,)
         The ``max_shift`` used, per axis.
     max_residual : float
@@ -291,8 +292,11 @@ def register_mosaic(
     new = mosaic.with_affines([translation_affine(p) for p in positions])
     before = after = float("nan")
     if quality and m:
-        before = _nanmean(overlap_ncc(mosaic, pairs, nominal))
-        after = _nanmean(overlap_ncc(mosaic, pairs, positions))
+        # every pair that overlaps before or after, diagonal neighbours included
+        scored = np.unique(np.concatenate([overlapping_tile_pairs(mosaic, nominal),
+                                           overlapping_tile_pairs(mosaic, positions)]), axis=0)
+        before = _nanmean(overlap_ncc(mosaic, scored, nominal))
+        after = _nanmean(overlap_ncc(mosaic, scored, positions))
     t3 = time.perf_counter()
     degree = np.bincount(pairs[solved.kept].ravel(), minlength=n) if m else np.zeros(n, int)
     unregistered = np.flatnonzero(degree == 0) if n > 1 else np.zeros(0, np.int64)
