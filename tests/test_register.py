@@ -479,11 +479,8 @@ def test_czi_registration_matches_ashlar() -> None:
 # GPU
 
 
-@pytest.mark.gpu
-def test_cupy_backend_matches_numpy() -> None:
-    ok, why = gpu_status()
-    if not ok:
-        pytest.skip(why)
+def check_cupy_matches_numpy() -> None:
+    """The CuPy path against the NumPy reference: pairs, then a whole registration."""
     syn = make_mosaic((4, 4), (256, 256), overlap=0.1, stage_error=10, seed=3, blank=[5])
     mosaic = syn.mosaic(syn.stage_positions)
     ref = measure_pairs(mosaic, max_shift=20, backend="numpy")
@@ -494,8 +491,40 @@ def test_cupy_backend_matches_numpy() -> None:
     np.testing.assert_allclose(gpu.ncc, ref.ncc, atol=1e-4)
     with pytest.warns(RegistrationWarning):
         result = register_mosaic(mosaic, max_shift=20, backend="cupy")
+    assert result.backend == "cupy"
     others = np.setdiff1d(np.arange(16), [5])
     assert rms_after_offset(result.positions[others], syn.positions[others]) <= 0.1
+
+
+@pytest.mark.gpu
+def test_cupy_backend_matches_numpy() -> None:
+    ok, why = gpu_status()
+    if not ok:
+        pytest.skip(why)
+    check_cupy_matches_numpy()
+
+
+def test_cupy_path_on_strict_stand_in(monkeypatch) -> None:
+    """The CuPy code path, run without a GPU on a stand-in that keeps CuPy's rules on the
+    host/device boundary (tests/host_emulation/strict_cupy.py): no implicit conversions,
+    no host arrays mixed into device operations. Same checks as the GPU test."""
+    import sys
+
+    from .host_emulation.strict_cupy import STATS, build_strict_cupy
+
+    monkeypatch.setitem(sys.modules, "cupy", build_strict_cupy())
+    STATS.clear()
+    check_cupy_matches_numpy()
+    assert STATS["fft"] > 0 and STATS["to_device"] > 0 and STATS["to_host"] > 0
+    # the stand-in does refuse what CuPy refuses
+    from .host_emulation.strict_cupy import DeviceArray
+
+    d = sys.modules["cupy"].asarray(np.ones(3))
+    with pytest.raises(TypeError):
+        np.asarray(d)
+    with pytest.raises(TypeError):
+        d + np.ones(3)
+    assert isinstance(np.float32(2) * d, DeviceArray)
 
 
 def test_leica_wrong_stage_metadata_is_recovered_by_registration() -> None:
