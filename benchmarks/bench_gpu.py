@@ -16,13 +16,11 @@ device synchronisation inside the timed function:
 * ``test_fusion_tiles_resident_vs_numpy``: the fusion stage with whole tiles resident in
   device memory (descriptors uploaded, windows gathered on the device, kernel) against the
   NumPy backend on all CPU cores (timed once per session, recorded beside the GPU result).
-* ``test_whole_slide_tiff_to_ome_zarr``: a scaled whole-slide run: ``GPUFUSION_WSI_TILES``
-  (default 600) tiles of 2048x2048 uint16 with 10 % overlap written as TIFF files, then read
-  back, fused on the GPU and written as a multiscale OME-Zarr image. Lower the tile count to
-  fit a short device session (about 0.2 s per tile on an H100 machine is a first guess).
 
-``extra_info`` records the device name, Mpx/s, GB/s and, for the whole-slide case, the
-backend's per-stage breakdown (see :class:`gpufusion.backends.cupy_backend.StageTimes`).
+The whole-slide case (600 tiles from TIFF files to OME-Zarr, CPU and GPU, with a stage
+breakdown) is ``benchmarks/bench_wsi.py``.
+
+``extra_info`` records the device name, Mpx/s and GB/s.
 Sizes: ``GPUFUSION_BENCH_GRID`` (default ``4x4``) tiles of ``GPUFUSION_BENCH_TILE`` (2048).
 """
 
@@ -31,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,7 +40,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"no usable
 
 GRID = tuple(int(v) for v in os.environ.get("GPUFUSION_BENCH_GRID", "4x4").split("x"))
 TILE = int(os.environ.get("GPUFUSION_BENCH_TILE", "2048"))
-WSI_TILES = int(os.environ.get("GPUFUSION_WSI_TILES", "600"))
 CHUNK = 1024
 ROUNDS = 5
 
@@ -208,66 +204,3 @@ def test_fusion_tiles_resident_vs_numpy(benchmark, synthetic, setup,
         device_info(), megapixels=round(mpx, 1), gpu_Mpx_per_s=round(mpx / gpu_s, 1),
         numpy_seconds=numpy_seconds, numpy_Mpx_per_s=round(mpx / numpy_seconds, 1),
         numpy_threads=os.cpu_count(), speedup=round(numpy_seconds / gpu_s, 1))
-
-
-def write_tiles(tmp: Path, n_tiles: int) -> Path:
-    """``n_tiles`` synthetic 2048^2 uint16 tiles as TIFF files plus a positions CSV."""
-    import tifffile
-
-    from gpufusion.synthetic import make_mosaic
-
-    rows = max(1, int(math.sqrt(n_tiles)))
-    cols = -(-n_tiles // rows)
-    syn = make_mosaic((rows, cols), (2048, 2048), overlap=0.1, dtype="uint16", seed=2)
-    lines = ["file,x,y"]
-    for k, (tile, (y, x)) in enumerate(zip(syn.tiles, syn.positions, strict=True)):
-        if k >= n_tiles:
-            break
-        tifffile.imwrite(tmp / f"tile_{k:04d}.tif", tile)
-        lines.append(f"tile_{k:04d}.tif,{float(x)!r},{float(y)!r}")
-    (tmp / "positions.csv").write_text("\n".join(lines) + "\n")
-    return tmp / "positions.csv"
-
-
-def test_whole_slide_tiff_to_ome_zarr(benchmark, tmp_path_factory) -> None:
-    import cupy
-    import zarr
-
-    from gpufusion import fuse
-    from gpufusion.backends import get_backend
-    from gpufusion.readers import mosaic_from_file
-    from gpufusion.writers.ome_zarr import write_ome_zarr
-
-    tmp = tmp_path_factory.mktemp("wsi")
-    t0 = time.perf_counter()
-    positions = write_tiles(tmp, WSI_TILES)
-    make_s = time.perf_counter() - t0
-    mosaic = mosaic_from_file(positions)
-    backend = get_backend("cupy")
-    backend.profile = True
-    fuse(mosaic, chunks=CHUNK, backend="cupy")[:CHUNK, :CHUNK].compute()  # warm-up
-    backend.reset_stage_times()
-
-    def run() -> Path:
-        image = fuse(mosaic, chunks=CHUNK, backend="cupy")
-        host = image.map_blocks(cupy.asnumpy, dtype=image.dtype,
-                                meta=np.empty((0, 0), dtype=image.dtype))
-        out = write_ome_zarr(host, tmp / "wsi.ome.zarr", axes=("y", "x"), chunks=CHUNK,
-                             overwrite=True)
-        cupy.cuda.Device().synchronize()
-        return out
-
-    out, seconds = run_timed(benchmark, run, 1)
-    mpx = math.prod(mosaic.shape) / 1e6
-    stages = {k: round(v, 3) for k, v in backend.stage_times().items()}
-    backend.profile = False
-    benchmark.extra_info.update(
-        device_info(), tiles=WSI_TILES, output_shape=list(mosaic.shape),
-        megapixels=round(mpx, 1), Mpx_per_s=round(mpx / seconds, 1),
-        tile_GBps=round(WSI_TILES * 2048 * 2048 * 2 / seconds / 1e9, 2),
-        tiff_write_seconds=round(make_s, 1), stages=stages)
-    level0 = zarr.open_array(str(out / "0"), mode="r")
-    assert tuple(level0.shape) == tuple(mosaic.shape)
-    corner = level0[:CHUNK, :CHUNK]
-    expected = fuse(mosaic, chunks=CHUNK)[:CHUNK, :CHUNK].compute()
-    assert np.abs(corner.astype(np.int64) - expected).max() <= 1

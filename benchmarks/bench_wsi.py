@@ -1,0 +1,267 @@
+"""Whole-slide benchmark (issues 3 and 4): register and fuse ~600 tiles from disk, CPU and GPU.
+
+The seed workload: ``GPUFUSION_WSI_TILES`` (default 600) synthetic tiles of 2048x2048 uint16
+with 10 % overlap, written as uncompressed TIFF files with a positions CSV carrying stage
+positions off by up to +-``STAGE_ERROR`` px. Each case runs what a user runs, after an
+untimed warm-up (one chunk: kernel compilation, memory pools), timed once:
+
+* ``test_whole_slide_fuse[numpy|cupy]``: :func:`gpufusion.fuse_to_file` from the TIFF files
+  to an OME-Zarr 0.4 image with its full 2x pyramid (blosc-zstd), the same call as
+  ``gpufusion fuse positions.csv -o slide.ome.zarr --backend B``. The CuPy backend builds the
+  pyramid on the device (inline), so each block and level leaves the GPU once.
+* ``test_whole_slide_register[numpy|cupy]``: :func:`gpufusion.registration.register_mosaic`
+  on the same files, as ``gpufusion register positions.csv``; ``extra_info`` has the RMS
+  error against the true positions.
+
+The breakdown of a fusion run is measured stage by stage after the end-to-end run, each
+stage alone over the whole slide with the same threads (stages overlap in the real run, so
+they do not add up to its time): ``read`` (every planned tile window of every chunk read
+from the TIFF files into memory), ``fuse`` (fusion only, blocks dropped; for CuPy with a
+device synchronisation, including the host-to-device copies), ``compress`` (level-0 chunks
+encoded with the store's codec: thread-seconds divided by threads). For CuPy the backend's
+own per-stage timers of the end-to-end run are added (``h2d``, ``kernel`` from CUDA events;
+see :class:`gpufusion.backends.cupy_backend.StageTimes`).
+
+Run (about 3 minutes per 100 tiles on 2 CPU cores; tiles are written once per session)::
+
+    GPUFUSION_WSI_TILES=600 python -m pytest benchmarks/bench_wsi.py -q -p no:cacheprovider \\
+        --benchmark-json=wsi.json
+
+``GPUFUSION_WSI_DIR`` keeps the tiles in that folder and reuses them on the next run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from gpufusion.backends import gpu_status
+
+GPU_OK, GPU_WHY = gpu_status()
+WSI_TILES = int(os.environ.get("GPUFUSION_WSI_TILES", "600"))
+TILE = 2048
+CHUNK = 1024
+STAGE_ERROR = 10.0
+BACKENDS = [
+    pytest.param("numpy", id="numpy"),
+    pytest.param("cupy", id="cupy", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"no usable GPU: {GPU_WHY}")]),
+]
+
+
+@dataclass(frozen=True)
+class Slide:
+    positions_csv: Path  # stage positions (what fuse and register read)
+    truth: np.ndarray  # true positions (y, x), index order
+    grid: tuple[int, int]
+    write_seconds: float
+
+
+def grid_for(n_tiles: int) -> tuple[int, int]:
+    rows = max(1, int(math.sqrt(n_tiles)))
+    return rows, -(-n_tiles // rows)
+
+
+def write_slide(folder: Path, n_tiles: int) -> Slide:
+    """``n_tiles`` synthetic tiles as TIFF files, ``positions.csv`` and ``truth.csv``."""
+    import tifffile
+
+    from gpufusion.synthetic import make_mosaic
+
+    rows, cols = grid_for(n_tiles)
+    folder.mkdir(parents=True, exist_ok=True)
+    truth_csv = folder / "truth.csv"
+    if truth_csv.exists():  # written by an earlier run with the same tile count
+        truth = np.loadtxt(truth_csv, delimiter=",", ndmin=2)
+        if len(truth) == n_tiles:
+            return Slide(folder / "positions.csv", truth, (rows, cols), 0.0)
+    t0 = time.perf_counter()
+    syn = make_mosaic((rows, cols), (TILE, TILE), overlap=0.1, dtype="uint16",
+                      stage_error=STAGE_ERROR, seed=2)
+    lines = ["file,x,y"]
+    for k in range(n_tiles):
+        tifffile.imwrite(folder / f"tile_{k:04d}.tif", syn.tiles[k])
+        y, x = syn.stage_positions[k]
+        lines.append(f"tile_{k:04d}.tif,{float(x)!r},{float(y)!r}")
+    (folder / "positions.csv").write_text("\n".join(lines) + "\n")
+    np.savetxt(truth_csv, syn.positions[:n_tiles], delimiter=",")
+    return Slide(folder / "positions.csv", syn.positions[:n_tiles], (rows, cols),
+                 time.perf_counter() - t0)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Slide:
+    keep = os.environ.get("GPUFUSION_WSI_DIR")
+    folder = Path(keep) if keep else tmp_path_factory.mktemp("wsi")
+    return write_slide(folder, WSI_TILES)
+
+
+def machine_info(backend: str) -> dict[str, object]:
+    from gpufusion.bench import cpu_name, gpu_name
+
+    info: dict[str, object] = {"cpu": cpu_name(), "threads": os.cpu_count()}
+    if backend == "cupy":
+        info["device"] = gpu_name()
+    return info
+
+
+def run_once(benchmark, fn):
+    """Time ``fn`` once through pytest-benchmark; ``(result, seconds)``, also when disabled."""
+    t0 = time.perf_counter()
+    result = benchmark.pedantic(fn, rounds=1, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    return result, (stats.stats.median if stats else time.perf_counter() - t0)
+
+
+def synchronize(backend: str) -> None:
+    if backend == "cupy":
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+
+
+# ------------------------------------------------------------------------ stage breakdown
+
+
+def read_seconds(mosaic) -> float:
+    """Read every planned window of every chunk into memory, on dask's threads."""
+    from gpufusion.fuse import chunk_task_array
+    from gpufusion.plan import plan_fusion
+
+    tasks = chunk_task_array(plan_fusion(mosaic, CHUNK), mosaic)
+
+    def read(cell: np.ndarray) -> np.ndarray:
+        nbytes = sum(np.array(w).nbytes for w in cell.reshape(-1)[0].read_windows())
+        return np.full((1,) * cell.ndim, nbytes, dtype=np.int64)
+
+    t0 = time.perf_counter()
+    tasks.map_blocks(read, dtype=np.int64, meta=np.empty((0, 0), np.int64)).sum().compute()
+    return time.perf_counter() - t0
+
+
+def fuse_seconds(mosaic, backend: str) -> float:
+    """Fusion alone over the whole slide, blocks dropped (synchronised for CuPy)."""
+    from gpufusion import fuse
+
+    def drop(block) -> np.ndarray:
+        if backend == "cupy":
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+        return np.zeros((1,) * block.ndim, dtype=np.int64)
+
+    image = fuse(mosaic, chunks=CHUNK, backend=backend)
+    t0 = time.perf_counter()
+    image.map_blocks(drop, dtype=np.int64, chunks=(1, 1),
+                     meta=np.empty((0, 0), np.int64)).sum().compute()
+    synchronize(backend)
+    return time.perf_counter() - t0
+
+
+def compress_seconds(level0_path: Path) -> float:
+    """Encode every level-0 chunk with the store's codec: thread-seconds / threads."""
+    import zarr
+    from numcodecs import get_codec
+
+    array = zarr.open_array(str(level0_path), mode="r")
+    codec = get_codec(array.metadata.to_dict()["compressor"])
+    stored = da.from_zarr(array)
+
+    def encode(block: np.ndarray) -> np.ndarray:
+        data = np.ascontiguousarray(block)
+        t0 = time.perf_counter()
+        codec.encode(data)
+        return np.full((1,) * block.ndim, time.perf_counter() - t0)
+
+    spent = stored.map_blocks(encode, dtype=np.float64, chunks=(1, 1)).sum().compute()
+    threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    return float(spent) / min(threads, stored.npartitions)
+
+
+# ------------------------------------------------------------------------------ the cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_slide_fuse(benchmark, slide: Slide, backend: str, tmp_path) -> None:
+    import zarr
+
+    from gpufusion import fuse, fuse_to_file
+    from gpufusion.backends import get_backend
+    from gpufusion.readers import mosaic_from_file
+
+    mosaic = mosaic_from_file(slide.positions_csv)
+    impl = get_backend(backend)
+    fuse(mosaic, chunks=CHUNK, backend=backend)[:CHUNK, :CHUNK].compute()  # warm-up
+    if backend == "cupy":
+        import cupy
+
+        from gpufusion.backends.cupy_backend import downsample_mean2_gpu
+
+        downsample_mean2_gpu(cupy.zeros((64, 64), dtype=mosaic.dtype), (2, 2))
+        impl.profile = True
+        impl.reset_stage_times()
+    out = tmp_path / "slide.ome.zarr"
+
+    def run():
+        result = fuse_to_file(mosaic, out, chunks=CHUNK, backend=backend, overwrite=True)
+        synchronize(backend)
+        return result
+
+    result, seconds = run_once(benchmark, run)
+    stages = {}
+    if backend == "cupy":
+        stages = {f"gpu_{k}": round(v, 3) for k, v in impl.stage_times().items()}
+        impl.profile = False
+    stages.update(read_s=round(read_seconds(mosaic), 2),
+                  fuse_s=round(fuse_seconds(mosaic, backend), 2),
+                  compress_s=round(compress_seconds(out / "0"), 2))
+    mpx = math.prod(result.shape) / 1e6
+    store_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    benchmark.extra_info.update(
+        machine_info(backend), backend=backend, tiles=WSI_TILES, grid=list(slide.grid),
+        output_shape=list(result.shape), megapixels=round(mpx, 1),
+        seconds=round(seconds, 2), Mpx_per_s=round(mpx / seconds, 1),
+        tile_GB=round(WSI_TILES * TILE * TILE * 2 / 1e9, 2),
+        store_GB=round(store_bytes / 1e9, 2), tiff_write_seconds=round(slide.write_seconds, 1),
+        stages=stages)
+    # the image written is the fusion: a corner chunk against a fresh NumPy fusion
+    level0 = zarr.open_array(str(out / "0"), mode="r")
+    assert tuple(level0.shape) == tuple(result.shape) == tuple(mosaic.shape)
+    expected = fuse(mosaic, chunks=CHUNK)[:CHUNK, :CHUNK].compute()
+    assert np.abs(level0[:CHUNK, :CHUNK].astype(np.int64) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_slide_register(benchmark, slide: Slide, backend: str) -> None:
+    from gpufusion.readers import mosaic_from_file
+    from gpufusion.registration import candidate_pairs, measure_pairs, register_mosaic
+
+    mosaic = mosaic_from_file(slide.positions_csv)
+    max_shift = 2 * STAGE_ERROR + 5
+    pairs = candidate_pairs(mosaic, max_shift=max_shift)
+    measure_pairs(mosaic, pairs[:2], max_shift=max_shift, backend=backend)  # warm-up
+
+    def run():
+        result = register_mosaic(mosaic, max_shift=max_shift, backend=backend)
+        synchronize(backend)
+        return result
+
+    result, seconds = run_once(benchmark, run)
+    err = result.positions - slide.truth
+    err -= err.mean(axis=0)
+    rms = float(np.sqrt(np.mean(np.sum(err**2, axis=1))))
+    benchmark.extra_info.update(
+        machine_info(backend), backend=backend, tiles=WSI_TILES, pairs=len(pairs),
+        seconds=round(seconds, 2), pairs_per_s=round(len(pairs) / result.seconds["pairwise"], 1),
+        stage_seconds={k: round(v, 2) for k, v in result.seconds.items()},
+        rms_error_px=round(rms, 4), mean_ncc_before=round(result.mean_ncc_before, 4),
+        mean_ncc_after=round(result.mean_ncc_after, 4))
+    assert rms <= 0.1
