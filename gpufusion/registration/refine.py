@@ -372,21 +372,51 @@ def _lk_system_slices(batch: Batch, rows: np.ndarray, s_int: np.ndarray, frac: n
         for t in range(d):
             w = keys_weights(f[t])
             m = int(hi[p, t] - lo[p, t])
-            x = sum(w[k] * np.take(x, np.arange(k, k + m), axis=t) for k in range(4))
+            taps = [x[(slice(None),) * t + (slice(k, k + m),)] for k in range(4)]
+            x = w[0] * taps[0]
+            for k in range(1, 4):
+                x += w[k] * taps[k]
         y = batch.b_host[p][tuple(slice(int(lo[p, t]), int(hi[p, t])) for t in range(d))]
-        h[n], g[n] = _lk_normal_equations(np, x[None], y[None].astype(np.float64), None)
+        h[n], g[n] = _lk_box_equations(x, y.astype(np.float64))
+    return h, g
+
+
+def _lk_box_equations(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_lk_normal_equations` for one pair whose arrays are exactly the box (NumPy).
+
+    The same sums with slices instead of masks: normalisation over the whole box, central
+    differences of ``(x + y) / 2`` and the residual over its interior (box less 1 px).
+    """
+    d = x.ndim
+
+    def normalised(v: np.ndarray) -> np.ndarray:
+        v = v - v.mean()
+        return v / np.sqrt(max(float(np.mean(v * v)), 1e-30))
+
+    xn, yn = normalised(x), normalised(y)
+    avg = 0.5 * (xn + yn)
+    inner = (slice(1, -1),) * d
+    grads = []
+    for t in range(d):
+        up = list(inner)
+        down = list(inner)
+        up[t], down[t] = slice(2, None), slice(None, -2)
+        grads.append(0.5 * (avg[tuple(up)] - avg[tuple(down)]))
+    r = (xn - yn)[inner]
+    h = np.array([[_dot(grads[t].ravel(), grads[q].ravel()) for q in range(d)]
+                  for t in range(d)])
+    g = np.array([_dot(grads[t].ravel(), r.ravel()) for t in range(d)])
     return h, g
 
 
 def _lk_normal_equations(xp: Any, x: Any, y: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
     """``J^T J`` and ``J^T r`` over the interior (box less 1 px) of normalised ``x``, ``y``.
 
-    ``mask`` (B, *L) marks the box; None means the arrays are exactly the box.
+    ``mask`` (B, *L) marks each pair's box in its padded window (batched path; the slices
+    path does the same sums with slices, :func:`_lk_box_equations`).
     """
     d = x.ndim - 1
     axes = tuple(range(1, d + 1))
-    if mask is None:
-        mask = xp.ones(x.shape, dtype=bool)
     m = mask.astype(xp.float64)
     cnt = m.sum(axis=axes, keepdims=True)
 
