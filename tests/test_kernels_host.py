@@ -26,6 +26,7 @@ from .conftest import assert_close
 from .host_emulation import cases
 from .host_emulation.fake_cupy import build_fake_cupy
 from .host_emulation.harness import HostKernels, gxx_available
+from .host_emulation.strict_cupy import DeviceArray
 
 pytestmark = pytest.mark.skipif(not gxx_available(), reason="g++ is not installed")
 
@@ -212,6 +213,7 @@ def test_downsample_geometry_merges_kept_axes() -> None:
 def fake_gpu(host: HostKernels, monkeypatch: pytest.MonkeyPatch):
     """CuPy replaced by NumPy plus the host-compiled kernels (tests/host_emulation)."""
     cupy, cupyx = build_fake_cupy(host)
+    monkeypatch.setattr(DeviceArray, "dispatch_numpy", True)  # as CuPy's __array_function__
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     caches = (ck.fuse_kernel, ck.downsample_kernel, get_backend)
@@ -233,17 +235,17 @@ def test_cupy_backend_code_on_emulated_device(fake_gpu) -> None:
             cases.LAYOUTS, BLEND_MODES, INTERPOLATIONS)):
         case = cases.make_case(layout, 2 + k % 2, mode, interp, pairs[k % len(pairs)], k)
         n_chunks += sum(len(t) > 0 for _, t in cases.chunk_inputs(case))
-        cases.check_case(case, lambda w, t, p: np.asarray(backend.fuse_windows(w, t, p)),
+        cases.check_case(case, lambda w, t, p: fake_gpu.asnumpy(backend.fuse_windows(w, t, p)),
                          algorithm="general")
 
     def resident(windows, table, params):
         if not len(table):
-            return backend.fuse_windows(windows, table, params)
-        return np.asarray(backend.launch(backend.upload(windows, table, params), params))
+            return fake_gpu.asnumpy(backend.fuse_windows(windows, table, params))
+        return fake_gpu.asnumpy(backend.launch(backend.upload(windows, table, params), params))
 
     def device_windows(windows, table, params):
         dev = [fake_gpu.asarray(w) for w in windows]
-        return np.asarray(backend.fuse_device_windows(dev, table, params))
+        return fake_gpu.asnumpy(backend.fuse_device_windows(dev, table, params))
 
     case = cases.make_case("affine", 3, "cosine", "linear", ("uint16", "int16"), 3)
     cases.check_case(case, resident)
@@ -266,7 +268,7 @@ def test_fuse_graph_with_cupy_backend_on_emulated_device(fake_gpu) -> None:
     assert len(shapes) >= 3
     assert ck.fuse_kernel.cache_info().misses == 1 and len(fake_gpu.builds) == 1
     expected = fuse(case.mosaic, chunks=case.chunks, backend="numpy").compute()
-    assert_close(np.asarray(result), expected)
+    assert_close(fake_gpu.asnumpy(result), expected)
 
 
 def test_downsample_gpu_wrapper_on_emulated_device(fake_gpu) -> None:
@@ -281,7 +283,7 @@ def test_downsample_gpu_wrapper_on_emulated_device(fake_gpu) -> None:
                 expected = downsample_mean2(block, factors, algorithm=algorithm)
                 actual = downsample_mean2_gpu(fake_gpu.asarray(block), factors, algorithm)
                 assert actual.dtype == expected.dtype
-                np.testing.assert_array_equal(np.asarray(actual), expected)
+                np.testing.assert_array_equal(fake_gpu.asnumpy(actual), expected)
     assert any(b.startswith("downsample_mean2<float,") for b in fake_gpu.builds)
     with pytest.raises(ValueError, match="factors"):
         downsample_mean2_gpu(fake_gpu.asarray(np.zeros((4, 4))), (2, 3))

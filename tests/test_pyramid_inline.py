@@ -37,6 +37,7 @@ from gpufusion.writers.ome_zarr import INLINE_MIN_CHUNK, read_ome_zarr_info, wri
 
 from .host_emulation.fake_cupy import build_fake_cupy
 from .host_emulation.harness import HostKernels, gxx_available
+from .host_emulation.strict_cupy import DeviceArray
 
 GPU_OK, GPU_WHY = gpu_status()
 
@@ -248,6 +249,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
 def fake_gpu(host: HostKernels, monkeypatch: pytest.MonkeyPatch):
     """CuPy replaced by NumPy plus the host-compiled kernels; kernel launches counted."""
     cupy, cupyx = build_fake_cupy(host)
+    monkeypatch.setattr(DeviceArray, "dispatch_numpy", True)  # as CuPy's __array_function__
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     caches = (ck.fuse_kernel, ck.downsample_kernel, get_backend)
@@ -306,6 +308,22 @@ def test_fuse_to_file_cupy_downsamples_on_device(fake_gpu, tmp_path: Path,
     cpu = pipeline.fuse_to_file(mosaic, tmp_path / "cpu.ome.zarr", chunks=256,
                                 backend="numpy")
     assert_same_store(gpu.path, cpu.path)
+
+
+def test_fuse_to_ome_tiff_cupy_copies_blocks_to_host(fake_gpu, tmp_path: Path) -> None:
+    """The OME-TIFF writer stores host arrays: the CuPy path copies each block once, and
+    the file holds the same pixels (every level) as the NumPy path's."""
+    import tifffile
+
+    mosaic = make_mosaic((2, 3), (300, 300), seed=5).mosaic()
+    gpu = pipeline.fuse_to_file(mosaic, tmp_path / "gpu.ome.tif", chunks=256, backend="cupy")
+    cpu = pipeline.fuse_to_file(mosaic, tmp_path / "cpu.ome.tif", chunks=256, backend="numpy")
+    assert gpu.shape == cpu.shape
+    with tifffile.TiffFile(gpu.path) as a, tifffile.TiffFile(cpu.path) as b:
+        levels_a, levels_b = a.series[0].levels, b.series[0].levels
+        assert len(levels_a) == len(levels_b) >= 2
+        for la, lb in zip(levels_a, levels_b, strict=True):
+            np.testing.assert_array_equal(la.asarray(), lb.asarray())
 
 
 # ---------------------------------------------------------------------------- real GPU

@@ -1,12 +1,15 @@
-"""A stand-in for the few CuPy APIs the CUDA backend uses, backed by NumPy and the host kernels.
+"""A stand-in for the CuPy APIs the CUDA backend uses, backed by NumPy and the host kernels.
 
 It lets the backend's own code (:mod:`gpufusion.backends.cupy_backend`: dtype choice,
 packing, argument tuples, pointer passing, output casts, the cached getters and the dask
 graph) run on a CPU-only machine: ``RawModule.get_function`` returns a launcher that calls
-the g++-compiled kernel for that name expression, "device" arrays are NumPy arrays with a
-``.data.ptr``, streams and events do nothing. It checks what CuPy would insist on: kernel
-arguments are device arrays or NumPy scalars of the kernel's C types, launch dimensions are
-tuples, and compile options are the backend's.
+the g++-compiled kernel for that name expression; "device" arrays are the strict
+:class:`~.strict_cupy.DeviceArray` (no implicit conversion to NumPy, no host arrays mixed
+into device operations, ``.data.ptr`` for kernels); streams and events do nothing. It checks
+what CuPy would insist on: kernel arguments are device arrays or NumPy scalars of the
+kernel's C types, launch dimensions are tuples, and compile options are the backend's.
+NumPy functions on device arrays run on them as CuPy's ``__array_function__`` does (dask
+relies on it); the fixtures that use this module switch that on.
 """
 
 from __future__ import annotations
@@ -19,28 +22,7 @@ import numpy as np
 from gpufusion.backends import cuda_kernels as ck
 
 from .harness import HostKernels, _downsample_symbol, _fuse_symbol
-
-
-class _Pointer:
-    def __init__(self, ptr: int) -> None:
-        self.ptr = ptr
-
-
-class ndarray(np.ndarray):  # noqa: N801  (the name CuPy uses)
-    """A NumPy array posing as device memory."""
-
-    @property
-    def data(self) -> _Pointer:  # type: ignore[override]
-        return _Pointer(self.ctypes.data)
-
-    def set(self, arr: np.ndarray, stream: Any = None) -> None:
-        if not isinstance(arr, np.ndarray) or arr.shape != self.shape or arr.dtype != self.dtype:
-            raise TypeError("set: shape and dtype must match")
-        np.copyto(self, arr)
-
-
-def _dev(a: np.ndarray) -> ndarray:
-    return np.ascontiguousarray(a).view(ndarray)
+from .strict_cupy import DeviceArray, build_strict_cupy
 
 
 def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleType]:
@@ -51,13 +33,12 @@ def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleTy
     for key in host.downsample_keys:
         calls[ck.downsample_name_expression(*key)] = getattr(host.libs["downsample"],
                                                              _downsample_symbol(*key))
-    cupy = types.ModuleType("cupy")
+    cupy = build_strict_cupy()
     cupy.builds = []  # type: ignore[attr-defined]  # name expressions compiled, in order
-    cupy.ndarray = ndarray  # type: ignore[attr-defined]
 
     def kernel_arg(a: Any) -> int | float:
-        if isinstance(a, ndarray):
-            return a.ctypes.data
+        if isinstance(a, DeviceArray):
+            return a.data.ptr
         if isinstance(a, np.floating):
             return float(a)
         if isinstance(a, np.integer) and a.dtype.itemsize == 8:
@@ -110,13 +91,6 @@ def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleTy
         Stream=Stream, Event=Event, Device=Device, runtime=runtime,
         get_elapsed_time=lambda a, b: 0.5, get_current_stream=lambda: Stream())
     cupy.RawModule = RawModule  # type: ignore[attr-defined]
-    cupy.empty = lambda shape, dtype=np.float64: _dev(np.empty(shape, dtype))  # type: ignore
-    cupy.zeros = lambda shape, dtype=np.float64: _dev(np.zeros(shape, dtype))  # type: ignore
-    cupy.asarray = lambda a, dtype=None: _dev(np.asarray(a, dtype))  # type: ignore
-    cupy.ascontiguousarray = lambda a: _dev(np.asarray(a))  # type: ignore
-    cupy.asnumpy = lambda a: np.asarray(a).view(np.ndarray)  # type: ignore
-    cupy.clip = lambda a, lo, hi: _dev(np.clip(np.asarray(a), lo, hi))  # type: ignore
-    cupy.rint = lambda a: _dev(np.rint(np.asarray(a)))  # type: ignore
     cupyx = types.ModuleType("cupyx")
     cupyx.empty_pinned = lambda shape, dtype=np.float64: np.empty(shape, dtype)  # type: ignore
     return cupy, cupyx

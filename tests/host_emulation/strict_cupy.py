@@ -51,8 +51,15 @@ class DeviceArray:
         # and a host array among the operands is refused
         return _wrap(getattr(ufunc, method)(*_unwrap(inputs), **_unwrap(kwargs)))
 
+    #: False: NumPy functions on device arrays are refused (registration tests). True: they
+    #: run "on the device" as CuPy's ``__array_function__`` does (dask calls
+    #: ``np.concatenate`` and friends on blocks), host arrays among the arguments refused.
+    dispatch_numpy = False
+
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        raise TypeError(f"numpy.{func.__name__} called on a device array")
+        if not DeviceArray.dispatch_numpy:
+            raise TypeError(f"numpy.{func.__name__} called on a device array")
+        return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
 
     def __iter__(self) -> Any:
         raise TypeError("iterating over a device array (use cupy.asnumpy first)")
@@ -80,6 +87,18 @@ class DeviceArray:
         STATS["to_host"] += 1
         return self._a.copy()
 
+    def set(self, arr: np.ndarray, stream: Any = None) -> None:
+        """Host to device into this array (``cupy.ndarray.set``): same shape and dtype."""
+        if not isinstance(arr, np.ndarray) or arr.shape != self.shape or arr.dtype != self.dtype:
+            raise TypeError("set: a host array of the same shape and dtype is required")
+        STATS["to_device"] += 1
+        np.copyto(self._a, arr)
+
+    @property
+    def data(self) -> Any:
+        """``.data.ptr``: the address kernels receive (host memory standing in)."""
+        return types.SimpleNamespace(ptr=self._a.ctypes.data)
+
     # -- array attributes and methods ------------------------------------------------------
     shape = property(lambda self: self._a.shape)
     ndim = property(lambda self: self._a.ndim)
@@ -106,11 +125,16 @@ class DeviceArray:
         return _wrap(self._a[_unwrap_index(key)])
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._a[_unwrap_index(key)] = _unwrap(value)
+        if _host_operand(value):  # CuPy copies a host value in
+            STATS["to_device"] += 1
+        else:
+            value = _unwrap(value)
+        self._a[_unwrap_index(key)] = value
 
 
 _METHODS = {"astype", "reshape", "sum", "max", "min", "mean", "copy", "ravel", "transpose",
-            "conj", "argmax", "any", "all", "squeeze", "swapaxes", "prod", "cumsum", "view"}
+            "conj", "argmax", "argmin", "any", "all", "squeeze", "swapaxes", "prod", "cumsum",
+            "view", "fill", "round", "clip", "flatten", "nonzero", "std", "var", "dot"}
 
 
 def _binary(op: Any, reflected: bool = False) -> Any:
@@ -195,7 +219,8 @@ def asnumpy(a: Any) -> np.ndarray:
 
 _FUNCTIONS = ("abs", "arange", "argmax", "clip", "conj", "maximum", "minimum", "ones", "zeros",
               "empty", "pad", "sqrt", "stack", "take", "unravel_index", "where", "isfinite",
-              "full", "exp", "floor", "round", "rint", "concatenate", "sum", "cumsum")
+              "full", "exp", "floor", "round", "rint", "concatenate", "sum", "cumsum",
+              "ascontiguousarray", "empty_like", "zeros_like")
 
 
 def _fft(fn: Any, out_dtype: Any) -> Any:
