@@ -96,9 +96,9 @@ class _Accumulator:
         """The fused chunk as float32 (0 where nothing was covered)."""
         if self.mode in ("max", "overlay"):
             return self.val
-        out = np.zeros_like(self.num)
-        np.divide(self.num, self.den, out=out, where=self.den > 0)
-        return out
+        # in place: where den == 0 nothing was added and num is still 0
+        np.divide(self.num, self.den, out=self.num, where=self.den > 0)
+        return self.num
 
 
 def cast_output(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -106,7 +106,9 @@ def cast_output(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype.kind in "iub":
         info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+        out = np.rint(values)
+        np.clip(out, info.min, info.max, out=out)
+        return out.astype(dtype)
     return values.astype(dtype, copy=False)
 
 
