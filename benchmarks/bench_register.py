@@ -62,7 +62,7 @@ def test_pairwise_cpu(benchmark, grid) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_OK, reason=f"no usable GPU: {GPU_WHY}")
 def test_pairwise_gpu(benchmark, grid) -> None:
-    import cupy
+    from gpufusion.bench import gpu_name
 
     size, mosaic, pairs = grid
 
@@ -73,8 +73,7 @@ def test_pairwise_gpu(benchmark, grid) -> None:
     result = benchmark.pedantic(run, rounds=5, iterations=1)
     assert np.isfinite(result.ncc).all()
     _pairs_per_s(benchmark, pairs, benchmark.stats.stats.min)
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    benchmark.extra_info["device"] = props["name"].decode()
+    benchmark.extra_info["device"] = gpu_name()
     benchmark.extra_info["tile"] = f"{size}x{size}"
     if size not in _NUMPY_SECONDS:
         t0 = time.perf_counter()

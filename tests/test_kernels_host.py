@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +311,26 @@ def test_bench_times_both_backends_on_emulated_device(fake_gpu, capsys, monkeypa
     assert results[1].stages is not None and results[1].stages["chunks"] == n_chunks
     assert results[0].megapixels == results[1].megapixels == pytest.approx(
         np.prod(plan.shape) / 1e6)
+
+
+# ---------------------------------------------------------------- the GPU suite, emulated
+
+
+def test_gpu_suite_passes_on_emulated_device() -> None:
+    """Every ``gpu``-marked test, run on the host-emulated device (tests/host_emulation/
+    gpu_plugin.py) in a fresh interpreter: the GPU tests' own code is proven here, and on a
+    real GPU only the device itself is new. The 2-worker dask-cuda test needs real GPUs."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    files = ["tests/test_gpu.py", "tests/test_pyramid_inline.py", "tests/test_register.py"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.host_emulation.gpu_plugin", "-m", "gpu",
+         "-k", "not two_worker_local_cuda_cluster", "-q", "-p", "no:cacheprovider", "-rs",
+         *files], cwd=root, capture_output=True, text=True, timeout=600)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 60, summary
+    assert "skipped" not in summary and "failed" not in summary, summary
+

@@ -80,6 +80,9 @@ def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleTy
         def record(self, stream: Any = None) -> None:
             return None
 
+        def synchronize(self) -> None:
+            return None
+
     class Device:
         def synchronize(self) -> None:
             return None

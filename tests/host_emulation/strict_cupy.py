@@ -220,7 +220,7 @@ def asnumpy(a: Any) -> np.ndarray:
 _FUNCTIONS = ("abs", "arange", "argmax", "clip", "conj", "maximum", "minimum", "ones", "zeros",
               "empty", "pad", "sqrt", "stack", "take", "unravel_index", "where", "isfinite",
               "full", "exp", "floor", "round", "rint", "concatenate", "sum", "cumsum",
-              "ascontiguousarray", "empty_like", "zeros_like")
+              "ascontiguousarray", "empty_like", "zeros_like", "ones_like", "copyto")
 
 
 def _fft(fn: Any, out_dtype: Any) -> Any:
