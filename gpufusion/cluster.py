@@ -5,7 +5,11 @@
 * neither ``gpus`` nor ``scheduler``: yields ``None``; dask uses its local threaded
   scheduler (one process, all cores; with the ``cupy`` backend, all threads share the GPU).
 * ``gpus=[0, 1]``: starts a ``dask_cuda.LocalCUDACluster`` with one worker process per GPU
-  (each sees only its own device) and yields a ``distributed.Client`` on it.
+  (each sees only its own device) and yields a ``distributed.Client`` on it. Each worker
+  gets several threads (default: the CPU cores shared out between the GPUs, at least 2;
+  dask-cuda's own default is 1), so that while one chunk is on the device, others are
+  being read and packed, and finished ones compressed and written: the kernel launches
+  of a worker's threads go to per-thread CUDA streams on its one GPU.
 * ``scheduler="tcp://host:8786"``: yields a ``distributed.Client`` connected to it.
 
 Fusion tasks read their own tile windows from the tile sources (file paths for files read
@@ -22,6 +26,7 @@ None
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -83,9 +88,25 @@ def _cluster_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def local_gpu_cluster(gpus: Sequence[int], stack: ExitStack) -> Any:
+def default_threads_per_gpu(n_gpus: int) -> int:
+    """Worker threads per GPU: the CPU cores shared out between the GPUs, at least 2.
+
+    Examples
+    --------
+    >>> default_threads_per_gpu(1) >= 2
+    True
+    """
+    return max(2, (os.cpu_count() or 1) // max(1, n_gpus))
+
+
+def local_gpu_cluster(gpus: Sequence[int], stack: ExitStack,
+                      threads_per_gpu: int | None = None) -> Any:
     """Start a ``LocalCUDACluster`` on ``gpus`` (closed by ``stack``) and return a Client."""
     _check_gpus(gpus)
+    if threads_per_gpu is None:
+        threads_per_gpu = default_threads_per_gpu(len(gpus))
+    if threads_per_gpu < 1:
+        raise InputError(f"--threads-per-gpu: must be >= 1, got {threads_per_gpu}")
     try:
         from dask_cuda import LocalCUDACluster
         from distributed import Client
@@ -100,7 +121,8 @@ def local_gpu_cluster(gpus: Sequence[int], stack: ExitStack) -> Any:
                          f"(indices 0..{count - 1})")
     try:
         cluster = stack.enter_context(LocalCUDACluster(
-            CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus), n_workers=len(gpus)))
+            CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus), n_workers=len(gpus),
+            threads_per_worker=threads_per_gpu))
         return stack.enter_context(Client(cluster))
     except _cluster_errors() as exc:
         raise InputError(f"--gpus {','.join(map(str, gpus))}: could not start the GPU "
@@ -122,7 +144,8 @@ def remote_client(address: str, stack: ExitStack, timeout: float = CONNECT_TIMEO
 
 @contextmanager
 def connect(gpus: Sequence[int] | None = None, scheduler: str | None = None,
-            *, timeout: float | None = None) -> Iterator[Any]:
+            *, timeout: float | None = None,
+            threads_per_gpu: int | None = None) -> Iterator[Any]:
     """Set up where dask runs fusion tasks; yields a ``distributed.Client`` or ``None``.
 
     Parameters
@@ -133,6 +156,9 @@ def connect(gpus: Sequence[int] | None = None, scheduler: str | None = None,
         Address of a running Dask scheduler, e.g. ``tcp://10.0.0.5:8786``.
     timeout : float, optional
         Seconds to wait for ``scheduler`` to answer (default ``CONNECT_TIMEOUT``).
+    threads_per_gpu : int, optional
+        Threads of each local GPU worker (default :func:`default_threads_per_gpu`); only
+        with ``gpus``.
 
     Raises
     ------
@@ -148,11 +174,13 @@ def connect(gpus: Sequence[int] | None = None, scheduler: str | None = None,
     if gpus and scheduler:
         raise InputError("--gpus and --scheduler are exclusive: start GPU workers locally, "
                          "or connect to a running scheduler")
+    if threads_per_gpu is not None and not gpus:
+        raise InputError("--threads-per-gpu: applies to local GPU workers (--gpus)")
     with ExitStack() as stack:
         if scheduler:
             yield remote_client(scheduler, stack,
                                 CONNECT_TIMEOUT if timeout is None else timeout)
         elif gpus:
-            yield local_gpu_cluster(gpus, stack)
+            yield local_gpu_cluster(gpus, stack, threads_per_gpu)
         else:
             yield None

@@ -210,6 +210,14 @@ def test_unreachable_scheduler_is_a_clear_error(tile_dir: Path, capsys, monkeypa
     assert not out.exists()
 
 
+def test_threads_per_gpu_without_gpus_is_a_clear_error(tile_dir: Path, capsys) -> None:
+    out = tile_dir / "out.ome.zarr"
+    code, _, err = run_cli(["fuse", tile_dir / "pos.csv", "-o", out, "--backend", "numpy",
+                            "--threads-per-gpu", "4"], capsys)
+    assert code == 2 and "--threads-per-gpu" in err.splitlines()[-1]
+    assert not out.exists()
+
+
 def test_fuse_to_pyramidal_ome_tiff(tile_dir: Path, capsys) -> None:
     out = tile_dir / "out.ome.tif"
     code, _, err = run_cli(["fuse", tile_dir / "pos.csv", "-o", out, "--chunk", "32",

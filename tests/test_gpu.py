@@ -21,7 +21,7 @@ from gpufusion import fuse
 from gpufusion.backends import cuda_kernels as ck
 from gpufusion.backends import get_backend, gpu_status
 from gpufusion.blend import BLEND_MODES, INTERPOLATIONS
-from gpufusion.cluster import connect, parse_gpus
+from gpufusion.cluster import connect, default_threads_per_gpu, parse_gpus
 from gpufusion.errors import InputError
 from gpufusion.pyramid import downsample_mean2
 
@@ -264,6 +264,55 @@ def test_running_scheduler_fuses_like_local_threads() -> None:
         assert client is not None
         result = fuse(case.mosaic, chunks=case.chunks).compute()
     np.testing.assert_array_equal(result, expected)
+
+
+@pytest.fixture
+def fake_dask_cuda(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """``dask_cuda.LocalCUDACluster`` stood in for by an in-process ``LocalCluster``
+    (no GPU here): records the arguments gpufusion starts it with."""
+    import types
+
+    distributed = pytest.importorskip("distributed")
+    from gpufusion import cluster as cluster_module
+
+    calls: list[dict] = []
+
+    class LocalCUDACluster(distributed.LocalCluster):
+        def __init__(self, CUDA_VISIBLE_DEVICES: str, **kwargs) -> None:  # noqa: N803
+            calls.append({"CUDA_VISIBLE_DEVICES": CUDA_VISIBLE_DEVICES, **kwargs})
+            super().__init__(processes=False, dashboard_address=None, **kwargs)
+
+    module = types.ModuleType("dask_cuda")
+    module.LocalCUDACluster = LocalCUDACluster  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dask_cuda", module)
+    monkeypatch.setattr(cluster_module, "_device_count", lambda: None)
+    return calls
+
+
+def test_gpu_workers_get_threads_to_overlap_io(fake_dask_cuda: list[dict]) -> None:
+    """One worker per listed GPU, each with several threads (dask-cuda's default is one,
+    which would leave the GPU idle while a chunk is read or written)."""
+    case = cases.make_case("affine", 2, "linear", "linear", ("uint16", "uint16"), 6)
+    expected = fuse(case.mosaic, chunks=case.chunks).compute(scheduler="threads")
+    with connect(gpus=[0, 1], threads_per_gpu=3) as client:
+        assert sorted(client.nthreads().values()) == [3, 3]
+        result = fuse(case.mosaic, chunks=case.chunks).compute()
+    np.testing.assert_array_equal(result, expected)
+    assert fake_dask_cuda[-1] == {"CUDA_VISIBLE_DEVICES": "0,1", "n_workers": 2,
+                                  "threads_per_worker": 3}
+    with connect(gpus=[1]) as client:
+        assert list(client.nthreads().values()) == [default_threads_per_gpu(1)]
+    assert fake_dask_cuda[-1]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert default_threads_per_gpu(1) >= 2
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"threads_per_gpu": 2}, "applies to local GPU workers"),
+    ({"gpus": [0], "threads_per_gpu": 0}, "must be >= 1"),
+])
+def test_threads_per_gpu_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(InputError, match=match), connect(**kwargs):
+        pass
 
 
 def test_bench_runs_numpy_and_says_why_gpu_is_skipped() -> None:

@@ -115,6 +115,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unit", default="micrometer", help="unit of --pixel-size")
     p.add_argument("--gpus", default=None, metavar="LIST",
                    help="local GPUs to use, e.g. 0,1: one dask-cuda worker per GPU")
+    p.add_argument("--threads-per-gpu", type=int, default=None, metavar="N",
+                   help="with --gpus: threads per GPU worker, overlapping reads, transfers, "
+                        "kernels and writes (default: CPU cores / GPUs, at least 2)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on an existing Dask cluster, e.g. tcp://host:8786")
     add_input_options(p)
@@ -153,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     if args.blend_width_z is not None:
         kwargs["blend_width"] = (args.blend_width_z, args.blend_width, args.blend_width)
     gpus = parse_gpus(args.gpus) if args.gpus else None
-    with connect(gpus=gpus, scheduler=args.scheduler) as client:
+    with connect(gpus=gpus, scheduler=args.scheduler,
+                 threads_per_gpu=args.threads_per_gpu) as client:
         if client is not None:
             notice(args, f"running on {client.dashboard_link or client.scheduler.address}")
             kwargs["progress"] = False  # the dashboard shows progress on a cluster
