@@ -11,7 +11,8 @@
 #     dask-cuda==26.10.0 partd locket zict tblib tornado zarr==3.1.6 numcodecs==0.16.6 \
 #     donfig google-crc32c
 #
-# (about 20 MiB; everything else they need is on the machine already). Then, with the device
+# (about 13 MiB; everything else they need is on the machine already; add cucim-cu13, about
+# 35 MiB, for the cuCIM phase-correlation comparison in bench_register.py). Then, with the device
 # tool, carry [".whl"] and run
 #
 #   bash benchmarks/gpu_session.sh tests    # GPU test suite + kernel/bandwidth benchmarks
