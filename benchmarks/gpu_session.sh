@@ -11,9 +11,9 @@
 #     dask-cuda==26.10.0 partd locket zict tblib tornado zarr==3.1.6 numcodecs==0.16.6 \
 #     donfig google-crc32c
 #
-# (about 13 MiB; everything else they need is on the machine already; add cucim-cu13, about
-# 35 MiB, for the cuCIM phase-correlation comparison in bench_register.py). Then, with the device
-# tool, carry [".whl"] and run
+# (about 13 MiB; everything else they need is on the machine already). Add
+# cucim-cu13==26.10.0 (about 17 MiB) for the cuCIM phase-correlation comparison in
+# bench_register.py. Then, with the device tool, carry [".whl"] and run
 #
 #   bash benchmarks/gpu_session.sh tests    # GPU test suite + kernel/bandwidth benchmarks
 #   bash benchmarks/gpu_session.sh wsi      # 600-tile whole slide, CPU and GPU
