@@ -129,9 +129,8 @@ def _shift_linear(b: np.ndarray, frac: np.ndarray) -> np.ndarray:
     along each axis with ``frac > 0``: ``(1 - f) b[k] + f b[k - 1]``."""
     for axis, f in enumerate(frac):
         if f > 0:
-            n = b.shape[axis]
-            cur = np.take(b, np.arange(1, n), axis=axis)
-            prev = np.take(b, np.arange(0, n - 1), axis=axis)
+            cur = b[(slice(None),) * axis + (slice(1, None),)]
+            prev = b[(slice(None),) * axis + (slice(None, -1),)]
             b = (1.0 - f) * cur + f * prev
     return b
 
