@@ -19,15 +19,13 @@ import pytest
 
 from gpufusion import fuse
 from gpufusion.backends import cuda_kernels as ck
-from gpufusion.backends import get_backend
 from gpufusion.blend import BLEND_MODES, INTERP_CODES, INTERPOLATIONS, MODE_CODES
 from gpufusion.pyramid import downsample_mean2
 
 from .conftest import assert_close
 from .host_emulation import cases
-from .host_emulation.fake_cupy import build_fake_cupy
+from .host_emulation.fake_cupy import emulated_gpu
 from .host_emulation.harness import HostKernels, gxx_available
-from .host_emulation.strict_cupy import DeviceArray
 
 pytestmark = pytest.mark.skipif(not gxx_available(), reason="g++ is not installed")
 
@@ -213,16 +211,8 @@ def test_downsample_geometry_merges_kept_axes() -> None:
 @pytest.fixture
 def fake_gpu(host: HostKernels, monkeypatch: pytest.MonkeyPatch):
     """CuPy replaced by NumPy plus the host-compiled kernels (tests/host_emulation)."""
-    cupy, cupyx = build_fake_cupy(host)
-    monkeypatch.setattr(DeviceArray, "dispatch_numpy", True)  # as CuPy's __array_function__
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
-    caches = (ck.fuse_kernel, ck.downsample_kernel, get_backend)
-    for c in caches:
-        c.cache_clear()
-    yield cupy
-    for c in caches:
-        c.cache_clear()
+    with emulated_gpu(host, monkeypatch) as cupy:
+        yield cupy
 
 
 def test_cupy_backend_code_on_emulated_device(fake_gpu) -> None:

@@ -9,7 +9,6 @@ emulation of the kernels (tests/host_emulation), and on a real GPU in the ``gpu`
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import pytest
 
 from gpufusion import pipeline
 from gpufusion.backends import cuda_kernels as ck
-from gpufusion.backends import get_backend, gpu_status
+from gpufusion.backends import gpu_status
 from gpufusion.pyramid import (
     blockwise_level,
     blockwise_level_chunks,
@@ -35,9 +34,8 @@ from gpufusion.synthetic import make_mosaic
 from gpufusion.writers import ome_zarr as writer
 from gpufusion.writers.ome_zarr import INLINE_MIN_CHUNK, read_ome_zarr_info, write_ome_zarr
 
-from .host_emulation.fake_cupy import build_fake_cupy
+from .host_emulation.fake_cupy import emulated_gpu
 from .host_emulation.harness import HostKernels, gxx_available
-from .host_emulation.strict_cupy import DeviceArray
 
 GPU_OK, GPU_WHY = gpu_status()
 
@@ -248,30 +246,22 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
 @pytest.fixture
 def fake_gpu(host: HostKernels, monkeypatch: pytest.MonkeyPatch):
     """CuPy replaced by NumPy plus the host-compiled kernels; kernel launches counted."""
-    cupy, cupyx = build_fake_cupy(host)
-    monkeypatch.setattr(DeviceArray, "dispatch_numpy", True)  # as CuPy's __array_function__
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
-    caches = (ck.fuse_kernel, ck.downsample_kernel, get_backend)
-    for c in caches:
-        c.cache_clear()
-    cupy.downsample_launches = Counter()  # type: ignore[attr-defined]
-    getter = ck.downsample_kernel
+    with emulated_gpu(host, monkeypatch) as cupy:
+        cupy.downsample_launches = Counter()  # type: ignore[attr-defined]
+        getter = ck.downsample_kernel
 
-    def counted(name: str, algorithm: str) -> Callable[..., None]:
-        kernel = getter(name, algorithm)
+        def counted(name: str, algorithm: str) -> Callable[..., None]:
+            kernel = getter(name, algorithm)
 
-        def launch(grid: tuple, block: tuple, args: tuple) -> None:
-            assert isinstance(args[0], cupy.ndarray)
-            cupy.downsample_launches[tuple(args[0].shape)] += 1  # type: ignore[attr-defined]
-            kernel(grid, block, args)
+            def launch(grid: tuple, block: tuple, args: tuple) -> None:
+                assert isinstance(args[0], cupy.ndarray)
+                cupy.downsample_launches[tuple(args[0].shape)] += 1  # type: ignore
+                kernel(grid, block, args)
 
-        return launch
+            return launch
 
-    monkeypatch.setattr(ck, "downsample_kernel", counted)
-    yield cupy
-    for c in caches:
-        c.cache_clear()
+        monkeypatch.setattr(ck, "downsample_kernel", counted)
+        yield cupy
 
 
 @pytest.mark.parametrize("mode", ["inline", "readback"])

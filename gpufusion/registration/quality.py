@@ -22,6 +22,7 @@ import numpy as np
 from ..layout import Mosaic
 from ..spatial import overlapping_pairs
 from .pairwise import translation_positions
+from .refine import ncc_value
 
 __all__ = ["mean_overlap_ncc", "overlap_ncc", "overlapping_tile_pairs"]
 
@@ -101,7 +102,7 @@ def overlap_ncc(
                                               zip(lo, hi, strict=True)))
         b = mosaic.tiles[j].source.read(tuple(slice(int(p - w - s), int(q - w)) for p, q, w, s in
                                               zip(lo, hi, whole, step, strict=True)))
-        out[k] = _ncc(np.asarray(a), _shift_linear(np.asarray(b, dtype=np.float64), frac))
+        out[k] = ncc_value(np.asarray(a), _shift_linear(np.asarray(b, dtype=np.float64), frac))
     return out
 
 
@@ -133,17 +134,3 @@ def _shift_linear(b: np.ndarray, frac: np.ndarray) -> np.ndarray:
             prev = b[(slice(None),) * axis + (slice(None, -1),)]
             b = (1.0 - f) * cur + f * prev
     return b
-
-
-def _ncc(a: np.ndarray, b: np.ndarray) -> float:
-    x = a.astype(np.float64).ravel()
-    y = b.astype(np.float64).ravel()
-    x -= x.mean()
-    y -= y.mean()
-    den = np.sqrt(_dot(x, x) * _dot(y, y))
-    return float(_dot(x, y) / den) if den > 0 else float("nan")
-
-
-def _dot(x: np.ndarray, y: np.ndarray) -> float:
-    # einsum, not np.dot: a multi-threaded BLAS dot stalls badly on a busy machine
-    return float(np.einsum("i,i->", x, y))

@@ -100,8 +100,11 @@ class Batch:
 # NCC of integer shifts
 
 
-def _ncc_value(x: np.ndarray, y: np.ndarray) -> float:
-    """NCC of two equally shaped arrays (float64); NaN when either is constant."""
+def ncc_value(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson NCC of two equally shaped arrays (in float64); NaN when either is constant.
+
+    Used for pair scores here and for the quality measure (:mod:`.quality`).
+    """
     x = x.astype(np.float64).ravel()
     y = y.astype(np.float64).ravel()
     x -= x.mean()
@@ -148,7 +151,7 @@ def _score_slices(batch: Batch, shifts: np.ndarray, valid: np.ndarray) -> np.nda
         lo, hi = shared_range(s, batch.a_lo[p], batch.a_hi[p], batch.b_lo[p], batch.b_hi[p])
         sb = tuple(slice(int(u0), int(u1)) for u0, u1 in zip(lo, hi, strict=True))
         sa = tuple(slice(int(u0 + v), int(u1 + v)) for u0, u1, v in zip(lo, hi, s, strict=True))
-        out[p, k] = _ncc_value(batch.a_host[p][sa], batch.b_host[p][sb])
+        out[p, k] = ncc_value(batch.a_host[p][sa], batch.b_host[p][sb])
     return out
 
 

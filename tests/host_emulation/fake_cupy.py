@@ -14,7 +14,10 @@ relies on it); the fixtures that use this module switch that on.
 
 from __future__ import annotations
 
+import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -97,3 +100,26 @@ def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleTy
     cupyx = types.ModuleType("cupyx")
     cupyx.empty_pinned = lambda shape, dtype=np.float64: np.empty(shape, dtype)  # type: ignore
     return cupy, cupyx
+
+
+@contextmanager
+def emulated_gpu(host: HostKernels, monkeypatch: Any) -> Iterator[types.ModuleType]:
+    """For one test: ``cupy``/``cupyx`` replaced by this stand-in (restored by
+    ``monkeypatch``), NumPy functions dispatched on device arrays as CuPy's
+    ``__array_function__`` does, and the kernel and backend caches cleared before and after.
+    """
+    from gpufusion.backends import get_backend
+
+    cupy, cupyx = build_fake_cupy(host)
+    monkeypatch.setattr(DeviceArray, "dispatch_numpy", True)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    caches = (ck.fuse_kernel, ck.downsample_kernel, get_backend)
+    for c in caches:
+        c.cache_clear()
+    try:
+        yield cupy
+    finally:
+        for c in caches:
+            c.cache_clear()
+
