@@ -245,6 +245,70 @@ def test_max_shift_zero_keeps_nominal_positions() -> None:
     assert np.all(result.edges.shift == 0) and np.all(np.isfinite(result.edges.ncc))
 
 
+def _texture_pair(true_dx: float, overlap: int = 24, size: int = 96, smooth: float = 2):
+    """Two tiles cut from one texture, side by side along x: nominal overlap ``overlap``
+    px, the second tile really ``true_dx`` px further right than its stage says."""
+    from scipy import ndimage as ndi
+
+    img = ndi.gaussian_filter(np.random.default_rng(3).normal(size=(size, 3 * size)), smooth)
+    step = size - overlap
+    a = img[:, :size]
+    b = img[:, step + int(true_dx): step + int(true_dx) + size]
+    return mosaic_from_positions([a, b], [(0, 0), (0, step)])
+
+
+def test_shift_within_max_shift_is_kept() -> None:
+    m = measure_pairs(_texture_pair(5), max_shift=5)
+    assert not m.at_limit[0]
+    np.testing.assert_allclose(m.shift[0], [0, 5], atol=0.05)
+    result = register_mosaic(_texture_pair(5), max_shift=5, backend="numpy")
+    assert result.edges.counts() == {"kept": 1}
+
+
+def test_shift_beyond_max_shift_is_dropped_and_warned() -> None:
+    # 12 px off, 5 allowed: on smooth content the NCC keeps rising up to the wall of the
+    # search range (on fine texture it stays below min_ncc there: dropped as low_ncc)
+    m = measure_pairs(_texture_pair(12, smooth=8), max_shift=5)
+    assert m.at_limit[0] and m.ncc[0] > 0.1
+    with pytest.warns(RegistrationWarning, match="max_shift limit"):
+        result = register_mosaic(_texture_pair(12, smooth=8), max_shift=5, backend="numpy")
+    assert result.edges.counts() == {"max_shift": 1}
+    np.testing.assert_array_equal(result.positions, result.nominal)
+
+
+def test_grid_with_stage_error_beyond_max_shift_is_flagged() -> None:
+    syn = make_mosaic((3, 3), (200, 200), overlap=0.15, stage_error=15, seed=1)
+    with pytest.warns(RegistrationWarning, match="max_shift limit"):
+        result = register_mosaic(syn.mosaic(syn.stage_positions), max_shift=3,
+                                 backend="numpy")
+    e = result.edges
+    true = syn.positions[e.pairs[:, 1]] - syn.positions[e.pairs[:, 0]] - e.nominal
+    far = np.abs(true).max(axis=1) > 3 + 2
+    assert far.sum() >= 10
+    assert np.mean(e.status[far] == "max_shift") >= 0.9
+
+
+def test_abutting_tiles_are_paired_within_max_shift() -> None:
+    # the stage says the tiles only touch; really they overlap by 20 px
+    mosaic = _texture_pair(-20, overlap=0)
+    assert candidate_pairs(mosaic).tolist() == []
+    assert candidate_pairs(mosaic, max_shift=30).tolist() == [[0, 1]]
+    result = register_mosaic(mosaic, max_shift=30, backend="numpy")
+    assert result.edges.counts() == {"kept": 1}
+    np.testing.assert_allclose(result.positions[1] - result.positions[0], [0, 76], atol=0.05)
+    # a 2x2 grid that touches: side neighbours qualify, diagonal ones still do not
+    grid = mosaic_from_positions([np.zeros((100, 100))] * 4,
+                                 [(0, 0), (0, 100), (100, 0), (100, 100)])
+    assert candidate_pairs(grid, max_shift=20).tolist() == [[0, 1], [0, 2], [1, 3], [2, 3]]
+
+
+def test_max_shift_as_large_as_a_tile_is_input_error() -> None:
+    with pytest.raises(InputError, match="not below the tile size"):
+        register_mosaic(_texture_pair(0), max_shift=1e9, backend="numpy")
+    with pytest.raises(InputError, match="along x"):
+        register_mosaic(_texture_pair(0), max_shift=[5, 200], backend="numpy")
+
+
 @pytest.mark.parametrize("kwargs", [{"max_shift": -1}, {"max_shift": [1, 2, 3]},
                                     {"max_shift": float("nan")}, {"min_ncc": 2},
                                     {"max_residual": 0}, {"anchor": 9},
@@ -327,7 +391,9 @@ def test_outputs_positions_edges_and_reports(tmp_path: Path) -> None:
     assert {"shift_x", "shift_y", "ncc", "residual", "status"} <= set(rows[0])
     html = result.write_report(tmp_path / "report.html").read_text()
     assert "<svg" in html and "mean overlap NCC" in html
-    assert result.write_report(tmp_path / "report.svg").read_text().startswith("<svg")
+    svg = result.write_report(tmp_path / "report.svg").read_text()
+    assert svg.startswith("<svg") and "mean overlap NCC" in svg  # the quality, in the picture
+    assert "sub-pixel offset" in html and "integer-rounded" not in html
     from PIL import Image
 
     with Image.open(result.write_report(tmp_path / "report.png")) as img:
@@ -381,14 +447,66 @@ def test_cli_register_writes_usable_positions(tile_csv, tmp_path: Path, capsys) 
 
 def test_cli_register_bad_input(tile_csv, tmp_path: Path) -> None:
     src, _ = tile_csv
-    with pytest.raises(InputError, match="overwrite the input"):
-        cli_run([src, "-o", src])
+    with pytest.raises(InputError, match="one of the input files"):
+        cli_run([src, "-o", src, "--overwrite"])
     with pytest.raises(InputError, match="report"):
         cli_run([src, "-o", tmp_path / "o.csv", "--report", tmp_path / "r.pdf"])
     with pytest.raises(InputError, match="does not exist"):
         cli_run([src, "-o", tmp_path / "missing" / "o.csv"])
     with pytest.raises(InputError, match="max-shift"):
         cli_run([src, "-o", tmp_path / "o.csv", "--max-shift", "1,2,3"])
+
+
+def test_cli_register_never_replaces_inputs_or_existing_outputs(tile_csv, tmp_path: Path,
+                                                                capsys) -> None:
+    from gpufusion.cli import main
+
+    src, _ = tile_csv
+    tile = tmp_path / "t0.tif"
+    before = tile.read_bytes()
+    for argv in (["-o", tile], ["-o", tmp_path / "o.csv", "--report", tmp_path / "t1.tif"]):
+        # a tile file is never an output, even with --overwrite (and .tif is no report)
+        code = main(["register", str(src), *map(str, argv), "--overwrite", "-q"])
+        assert code == 2
+    assert tile.read_bytes() == before
+    assert "one of the input files" in capsys.readouterr().err
+    out = tmp_path / "o.csv"
+    out.write_text("keep me")
+    code = main(["register", str(src), "-o", str(out), "--max-shift", "10", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists (use --overwrite" in err and err.count("\n") == 1
+    assert out.read_text() == "keep me"
+    assert main(["register", str(src), "-o", str(out), "--max-shift", "10", "-q",
+                 "--overwrite"]) == 0
+    assert out.read_text().startswith("file,x,y")
+
+
+def test_cli_register_failed_write_leaves_no_outputs(tile_csv, tmp_path: Path, capsys,
+                                                     monkeypatch) -> None:
+    from gpufusion.cli import main
+    from gpufusion.registration import report
+
+    src, _ = tile_csv
+    out = tmp_path / "o.csv"
+
+    def full_disk(path, result):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "write_report", full_disk)
+    code = main(["register", str(src), "-o", str(out), "--max-shift", "10", "-q",
+                 "--report", str(tmp_path / "r.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pos.csv", "t0.tif", "t1.tif",
+                                                           "t2.tif", "t3.tif"]
+
+
+def test_cli_register_refuses_an_edges_path_that_is_a_folder(tile_csv, tmp_path) -> None:
+    src, _ = tile_csv
+    (tmp_path / "o.edges.csv").mkdir()
+    with pytest.raises(InputError, match="o.edges.csv: is a folder"):
+        cli_run([src, "-o", tmp_path / "o.csv"])
+    assert not (tmp_path / "o.csv").exists()
 
 
 def test_register_for_fuse_returns_corrected_mosaic(capsys) -> None:

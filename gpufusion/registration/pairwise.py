@@ -16,7 +16,10 @@ calls, on NumPy the same code runs through ``scipy.fft``):
 1. Phase correlation (Kuglin & Hines 1975): Hann window, real FFTs, normalised cross-power
    spectrum ``A conj(B) / |A conj(B)|``, inverse FFT. The surface is periodic in ``L``, so
    a peak ``c`` stands for every translation ``c + k L``. Only peaks with an alias inside the
-   allowed range ``nominal +- (max_shift + 1)`` count; the ``n_peaks`` highest are kept.
+   allowed range ``nominal +- (max_shift + 2)`` count; the ``n_peaks`` highest are kept.
+   (The 2 px beyond ``max_shift`` let a shift of up to ``max_shift`` be climbed to and
+   refined; a pair whose best match lies on the wall of the range is flagged ``at_limit``:
+   its true shift is probably larger.)
 2. Every alias of those peaks inside the range (the wrap-around alternatives MIST tests,
    Chalfoun et al. 2017, Sci. Rep. 7:4988) is scored by the normalised cross-correlation
    (NCC) of the pixels both tiles fill at that shift; the best one is then moved to its best
@@ -64,6 +67,8 @@ __all__ = [
 #: Pairs that cannot overlap by this much along every axis (nominal overlap + max_shift)
 #: are not correlated.
 MIN_WINDOW = 8
+#: The search for a pair's shift reaches this many pixels beyond ``max_shift``.
+SEARCH_BEYOND = 2.0
 #: Steps of NCC hill climbing at most.
 CLIMB_STEPS = 64
 ALGORITHMS = ("auto", *ALGORITHM_NAMES)
@@ -90,6 +95,10 @@ class PairMeasurements:
         match of the whole windows; NaN where not computed).
     window : ndarray of int64, shape (m, ndim)
         Shape of the correlated windows (0 where the pair was too small).
+    at_limit : ndarray of bool, shape (m,)
+        The best match lies on the wall of the search range (``max_shift`` + 2 px): the
+        NCC still rose towards larger shifts, so the true shift is probably beyond
+        ``max_shift``.
     backend : str
         ``numpy`` or ``cupy``.
     seconds : float
@@ -102,6 +111,7 @@ class PairMeasurements:
     ncc: np.ndarray
     peak: np.ndarray
     window: np.ndarray
+    at_limit: np.ndarray
     backend: str
     seconds: float
 
@@ -168,9 +178,10 @@ def candidate_pairs(
     A pair qualifies when its footprints at ``positions`` (default: the mosaic's own)
     overlap, or come within ``max_shift`` of overlapping, by more than ``min_overlap``
     pixels along every axis (``nominal overlap + max_shift > min_overlap``), and the
-    overlap -- each extent taken as at least ``min_overlap`` -- holds at least
-    ``min_overlap_fraction`` of the smaller tile's pixels. The fraction keeps the side
-    neighbours of a grid (10 % overlap: 10 % of the tile) and drops the diagonal ones
+    overlap -- each extent taken as at least ``min_overlap``, and where the tiles only
+    touch or leave a gap along their narrowest axis, as ``max_shift`` there -- holds at
+    least ``min_overlap_fraction`` of the smaller tile's pixels. The fraction keeps the
+    side neighbours of a grid (10 % overlap: 10 % of the tile) and drops the diagonal ones
     (1 %), whose small corner overlaps give unreliable shifts.
 
     Parameters
@@ -210,6 +221,12 @@ def candidate_pairs(
         return pairs
     i, j = pairs[:, 0], pairs[:, 1]
     ext = np.minimum(hi[i], hi[j]) - np.maximum(lo[i], lo[j]) + 1.0
+    # tiles that only touch (or leave a gap) along one axis may overlap by max_shift there;
+    # only the narrowest axis is widened, so a grid's diagonal neighbours stay out
+    rows = np.arange(len(pairs))
+    narrow = np.argmin(ext, axis=1)
+    gap = ext[rows, narrow] < min_overlap
+    ext[rows[gap], narrow[gap]] = 2 * grow[narrow[gap]]
     ext = np.minimum(np.maximum(ext, min_overlap), np.minimum(shapes[i], shapes[j]))
     volume = np.prod(ext, axis=1)
     smaller = np.minimum(np.prod(shapes[i], axis=1), np.prod(shapes[j], axis=1))
@@ -309,7 +326,7 @@ def _plan_windows(pos: np.ndarray, shapes: np.ndarray, pairs: np.ndarray,
     si = np.round(lo - pi).astype(np.int64) - margin - extra
     sj = np.round(lo - pj).astype(np.int64) - margin - extra
     s0 = (pj - pi) + sj - si  # window shift when the nominal offset is right (|s0| < 1)
-    tol = 1.0
+    tol = SEARCH_BEYOND
     return _Windows(
         si, sj, padded,
         np.clip(-si, 0, padded), np.clip(ni - si, 0, padded),
@@ -493,6 +510,7 @@ def measure_pairs(
     shift = np.full((m, d), np.nan)
     ncc = np.full(m, np.nan)
     peak = np.full(m, np.nan)
+    at_limit = np.zeros(m, dtype=bool)
     win = _plan_windows(pos, mosaic.tile_shapes, pairs, ms)
     groups: dict[tuple[int, ...], list[int]] = {}
     for p in np.flatnonzero(win.shape[:, 0] > 0):
@@ -503,7 +521,8 @@ def measure_pairs(
             idx = np.asarray(members[k : k + per_batch])
             batch = _load_batch(ops, mosaic, pairs, win, idx, algorithm)
             if np.any(ms > 0):
-                s, conf, height = _register_batch(ops, batch, n_peaks)
+                s, conf, height, wall = _register_batch(ops, batch, n_peaks)
+                at_limit[idx] = wall
             else:  # nothing may move: score the nominal offsets only
                 s = (batch.s_lo + batch.s_hi) / 2  # the nominal window shift, |s| < 1
                 near = np.round(s).astype(np.int64)[:, None, :]
@@ -514,7 +533,7 @@ def measure_pairs(
             ncc[idx] = conf
             peak[idx] = height
     shift[~np.isfinite(ncc)] = np.nan
-    return PairMeasurements(pairs, nominal, shift, ncc, peak, win.shape, name,
+    return PairMeasurements(pairs, nominal, shift, ncc, peak, win.shape, at_limit, name,
                             time.perf_counter() - t0)
 
 
@@ -529,8 +548,9 @@ def _load_batch(ops: _Ops, mosaic: Mosaic, pairs: np.ndarray, win: _Windows, idx
 
 
 def _register_batch(ops: _Ops, batch: Batch, n_peaks: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Window shifts ``s`` (B, d), NCC (B,) and peak heights (B,) of one batch."""
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Window shifts ``s`` (B, d), NCC (B,), peak heights (B,) and whether the best match
+    lies on the wall of the search range (B,) for one batch."""
     xp = ops.xp
     nb, d = len(batch), len(batch.shape)
     surface = _phase_correlation(ops, batch.a, batch.b)
@@ -550,7 +570,9 @@ def _register_batch(ops: _Ops, batch: Batch, n_peaks: int
     frac = quadratic_peak(batch, s_int, conf)
     frac, _ = lucas_kanade(batch, s_int, frac, ok)
     frac[~ok] = np.nan
-    return s_int + frac, conf, heights[:, 0]
+    # the climb stopped because its next step would leave the allowed range
+    wall = ok & np.any((s_int + 1 > batch.s_hi) | (s_int - 1 < batch.s_lo), axis=1)
+    return s_int + frac, conf, heights[:, 0], wall
 
 
 def check_max_shift(max_shift: float | Sequence[float] | None, mosaic: Mosaic) -> np.ndarray:
@@ -576,5 +598,15 @@ def check_max_shift(max_shift: float | Sequence[float] | None, mosaic: Mosaic) -
         raise InputError(
             f"max_shift: expected a finite number >= 0 or {mosaic.ndim} of them, got "
             f"{max_shift!r}"
+        )
+    largest = mosaic.tile_shapes.max(axis=0) if len(mosaic) else np.full(mosaic.ndim, np.inf)
+    too_big = np.flatnonzero(ms >= largest)
+    if len(too_big):
+        ax = int(too_big[0])
+        name = "zyx"[3 - mosaic.ndim + ax]
+        raise InputError(
+            f"max_shift: {ms[ax]:g} px along {name} is not below the tile size "
+            f"({int(largest[ax])} px); tiles that far off their stage position share no "
+            "pixels with their neighbours"
         )
     return ms

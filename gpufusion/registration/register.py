@@ -4,7 +4,7 @@
 
     candidate pairs (nominal footprints overlap)      -> pairwise.candidate_pairs
     -> offset + confidence (NCC) per pair              -> pairwise.measure_pairs (NumPy / CuPy)
-    -> edges dropped: no match, NCC < min_ncc, |shift| > max_shift + 1
+    -> edges dropped: no match, NCC < min_ncc, |shift| > max_shift + 0.5 or at the limit
     -> weighted least squares + residual rejection     -> solve.solve_positions
     -> corrected Mosaic (``Mosaic.with_affines``), EdgeTable, quality before / after
 """
@@ -34,6 +34,9 @@ from .solve import solve_positions
 
 __all__ = ["EdgeTable", "RegistrationResult", "RegistrationWarning", "register_mosaic"]
 
+#: Edges measured more than this many pixels beyond ``max_shift`` are dropped, as are those
+#: whose best match lies on the wall of the search range (``PairMeasurements.at_limit``).
+AT_LIMIT = 0.5
 #: Edge status values, in the order they are decided.
 STATUSES = ("kept", "too_small", "no_match", "low_ncc", "max_shift", "residual")
 
@@ -63,7 +66,9 @@ class EdgeTable:
     status : ndarray of str (m,)
         ``kept``; or why the edge was dropped: ``too_small`` (overlap too narrow to
         correlate), ``no_match`` (no variance, e.g. a blank tile, or no overlap at any
-        allowed shift), ``low_ncc``, ``max_shift`` (beyond ``max_shift`` + 1 px),
+        allowed shift), ``low_ncc``, ``max_shift`` (more than ``max_shift`` + 0.5 px, or
+        the best match on the wall of the search range: the true shift is probably
+        larger),
         ``residual`` (rejected by the solve).
     """
 
@@ -318,7 +323,10 @@ def _classify(meas: PairMeasurements, max_shift: np.ndarray, min_ncc: float) -> 
     status[meas.window[:, 0] == 0] = "too_small"
     status[(status == "kept") & ~np.isfinite(meas.ncc)] = "no_match"
     status[(status == "kept") & (meas.ncc < min_ncc)] = "low_ncc"
-    beyond = np.any(np.abs(np.nan_to_num(meas.shift)) > max_shift + 1.0, axis=1)
+    # A true shift within max_shift is measured within max_shift + ~0.1 px; one beyond the
+    # search range (max_shift + 2 px) leaves the best match on its wall.
+    beyond = meas.at_limit | np.any(np.abs(np.nan_to_num(meas.shift)) > max_shift + AT_LIMIT,
+                                    axis=1)
     status[(status == "kept") & beyond] = "max_shift"
     return status
 
@@ -326,6 +334,11 @@ def _classify(meas: PairMeasurements, max_shift: np.ndarray, min_ncc: float) -> 
 def _nanmean(values: np.ndarray) -> float:
     values = values[np.isfinite(values)]
     return float(values.mean()) if len(values) else float("nan")
+
+
+def _named(names: list[str], tiles: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(names[k] for k in tiles[:limit])
+    return shown + (f" and {len(tiles) - limit} more" if len(tiles) > limit else "")
 
 
 def _warn(result: RegistrationResult, n: int) -> None:
@@ -336,15 +349,20 @@ def _warn(result: RegistrationResult, n: int) -> None:
         return
     names = result.names
     parts = []
+    limited = int(np.sum(result.edges.status == "max_shift"))
+    if limited > 0.1 * len(result.edges):  # a few are spurious matches of small overlaps
+        ms = ", ".join(f"{v:g}" for v in result.max_shift[::-1])
+        parts.append(f"{limited} of {len(result.edges)} pairs matched best at or beyond the "
+                     f"max_shift limit ({ms} px, x,y[,z]) and were dropped; the stage error "
+                     "may be larger than max_shift allows")
     if len(result.unregistered):
-        shown = ", ".join(names[k] for k in result.unregistered[:10])
-        more = f" and {len(result.unregistered) - 10} more" if len(result.unregistered) > 10 \
-            else ""
         parts.append(f"{len(result.unregistered)} of {n} tiles have no reliable overlap "
-                     f"({shown}{more})")
+                     f"({_named(names, result.unregistered)})")
     if len(result.detached):
-        parts.append(f"{len(result.detached)} tiles form groups not linked to the rest")
+        parts.append(f"{len(result.detached)} tiles form groups not linked to the rest "
+                     f"({_named(names, result.detached)})")
     if parts:
-        warnings.warn(f"registration: {'; '.join(parts)}; they keep their nominal layout, "
-                      "moved by the mean correction of their neighbours",
+        tail = ("; they keep their nominal layout, moved by the mean correction of their "
+                "neighbours") if len(result.unregistered) or len(result.detached) else ""
+        warnings.warn(f"registration: {'; '.join(parts)}{tail}",
                       RegistrationWarning, stacklevel=3)
