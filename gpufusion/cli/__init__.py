@@ -4,9 +4,9 @@ The CLI only parses arguments and calls the public API. Each command lives in it
 (``gpufusion/cli/<command>.py``) with ``add_parser(subparsers)`` (which sets ``run`` as the
 parser default) and ``run(args) -> int``.
 
-Exit codes: 0 success; 2 bad input (a one-line message naming the file, line or field at
-fault, nothing left at the output path); 1 internal error (traceback with ``--debug``);
-130 interrupted.
+Exit codes: 0 success; 2 bad input, or a file the system refused to read or write (a
+one-line message naming the file, line or field at fault, nothing left at the output
+path); 1 internal error (traceback with ``--debug``); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -58,16 +58,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpufusion: interrupted; nothing was written at the output path", file=sys.stderr)
         return 130
-    except Exception as exc:  # internal error: one line, or the traceback under --debug
-        if args.debug:
-            traceback.print_exc()
-        else:
-            msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            print(
-                f"gpufusion: internal error: {msg} (run with --debug for the traceback)",
-                file=sys.stderr,
-            )
-        return 1
+    except OSError as exc:
+        if exc.filename is None or args.debug:
+            return _internal_error(args, exc)
+        # the file system refused a named file (permissions, a full disk, a missing folder)
+        print(f"gpufusion: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        return _internal_error(args, exc)
+
+
+def _internal_error(args: argparse.Namespace, exc: BaseException) -> int:
+    """An internal error: one line, or the traceback under ``--debug``; exit code 1."""
+    if args.debug:
+        traceback.print_exception(exc)
+    else:
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(f"gpufusion: internal error: {msg} (run with --debug for the traceback)",
+              file=sys.stderr)
+    return 1
 
 
 def show_progress(args: argparse.Namespace) -> bool:

@@ -102,6 +102,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help=INPUT_HELP + " (nominal positions)")
     p.add_argument("-o", "--output", required=True, help="corrected positions CSV to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (only once the new ones are complete)")
     add_input_options(p)
     p.add_argument(
         "--backend",
@@ -116,34 +118,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..registration import edges_path_for, write_positions_csv
     from .inputs import tileset_from_args
+    from .outputs import check_outputs, staged
 
     out = Path(args.output)
     source = Path(args.input)
-    if out.exists() and source.exists() and out.resolve() == source.resolve():
-        raise InputError(f"{out}: the output would overwrite the input positions file")
-    if out.is_dir():
-        raise InputError(f"{out}: is a folder; give the positions CSV to write")
-    if not out.parent.resolve().is_dir():
-        raise InputError(f"{out}: folder {out.parent} does not exist")
     _check_report_path(args.report)
+    outputs = [out, edges_path_for(out)] + ([Path(args.report)] if args.report else [])
+    check_outputs(outputs, [source] if source.is_file() else [], args.overwrite)
     tiles = tileset_from_args(args)
-    tiles = tiles.select_channel(registration_channel(args))
-    files = [getattr(src, "path", None) for src in tiles.sources[0]]
+    # every file of the tile set (all channels) is an input the outputs must not replace
+    check_outputs(outputs, [p for ch in tiles.sources for s in ch
+                            if (p := getattr(s, "path", None)) is not None], args.overwrite)
+    reg = tiles.select_channel(registration_channel(args))
+    files = [getattr(src, "path", None) for src in reg.sources[0]]
     if any(f is None for f in files) or len(set(files)) != len(files):
         raise InputError(f"{source}: its tiles are not one file each, so no positions CSV can "
                          "list them; use 'gpufusion fuse INPUT --register' instead")
     if not all(np.allclose(a[:-1, :-1], np.eye(tiles.ndim)) for a in tiles.affines):
         raise InputError(f"{source}: registration corrects translations; this input has "
                          "rotated or scaled tiles")
-    result = _register(args, tiles.mosaics()[0], args.backend)
-    write_positions_csv(out, result.positions, files)
-    edges = result.write_edges_csv(edges_path_for(out))
-    if args.report:
-        result.write_report(args.report)
+    result = _register(args, reg.mosaics()[0], args.backend)
+    with staged(outputs) as tmp:
+        write_positions_csv(tmp[out], result.positions, files)
+        result.write_edges_csv(tmp[outputs[1]])
+        if args.report:
+            result.write_report(tmp[outputs[2]])
     if not args.quiet:
         print("\n".join([*result.summary().splitlines(),
-                         f"wrote {out} and {edges}" + (f" and {args.report}" if args.report
-                                                       else "")]))
+                         "wrote " + " and ".join(str(p) for p in outputs)]))
     return 0
 
 

@@ -206,8 +206,10 @@ class _Scene:
         extent = (pos + shapes).max(axis=0) - lo
         self.scale = (size - 40) / max(float(extent.max()), 1.0)
         self.margin = 20.0
-        self.width = int(extent[1] * self.scale + 2 * self.margin)
-        self.height = int(extent[0] * self.scale + 2 * self.margin) + 40
+        self.caption = summary_lines(result)  # drawn below the legend
+        self.width = max(int(extent[1] * self.scale + 2 * self.margin), 640)
+        self.legend_y = int(extent[0] * self.scale + 2 * self.margin) + 16
+        self.height = self.legend_y + 24 + 15 * len(self.caption)
         self.boxes = (pos - lo) * self.scale + self.margin  # (n, 2) top-left (y, x)
         self.sizes = shapes * self.scale
         self.centres = self.boxes + self.sizes / 2
@@ -240,11 +242,14 @@ class _Scene:
         for k, (y, x) in enumerate(self.centres):
             parts.append(f'<text x="{x + 5:.1f}" y="{y + 12:.1f}" fill="#333">{k}</text>')
         parts.append(self._legend_svg())
+        for q, line in enumerate(self.caption):
+            parts.append(f'<text x="20" y="{self.legend_y + 34 + 15 * q}" fill="#333">'
+                         f"{html.escape(line)}</text>")
         parts.append("</svg>")
         return "\n".join(parts)
 
     def _legend_svg(self) -> str:
-        y = self.height - 24
+        y = self.legend_y
         items = []
         for q in range(11):
             r, g, b = _colour(q / 10 * self.vmax, self.vmax)
@@ -279,12 +284,14 @@ class _Scene:
                            y0 + b * (y1 - y0)], fill=(120, 120, 120), width=2)
         for k, (y, x) in enumerate(self.centres):
             draw.text((x + 5, y + 2), str(k), fill=(51, 51, 51))
-        y = self.height - 24
+        y = self.legend_y
         for q in range(11):
             draw.rectangle([20 + 14 * q, y, 34 + 14 * q, y + 10],
                            fill=_colour(q / 10 * self.vmax, self.vmax))
         draw.text((20 + 14 * 11 + 6, y - 1), f"residual 0 - {self.vmax:.2f} px; dashed: dropped;"
                   " red tiles: no reliable edge", fill=(51, 51, 51))
+        for q, line in enumerate(self.caption):
+            draw.text((20, y + 24 + 15 * q), line, fill=(51, 51, 51))
         img.save(out, format="PNG")
 
 
@@ -311,8 +318,10 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}tr.dropped{{color
 </style></head><body>
 <h1>Registration report</h1>
 {summary}
-<p>Mean overlap NCC: Pearson correlation of the pixels two tiles share at their
-integer-rounded relative offset, averaged over all candidate pairs.</p>
+<p>Mean overlap NCC: for every pair of tiles whose footprints overlap before or after
+registration (diagonal neighbours included), the Pearson correlation of the pixels both
+tiles cover, the second tile linearly interpolated at the sub-pixel offset; averaged over
+the pairs. It needs no reference: misplaced tiles correlate less.</p>
 {svg}
 <h2>Edges</h2>
 <table><tr>{head}</tr>
