@@ -22,9 +22,9 @@ __all__ = ["INPUT_HELP", "add_input_options", "check_same_layout", "tileset_from
 
 #: Help text for the INPUT positional argument of commands using these options.
 INPUT_HELP = (
-    "TileConfiguration.txt, positions CSV (file,x,y[,z]), a folder or file of OME-TIFFs "
-    "with stage positions, a BigStitcher dataset.xml, a .czi mosaic, or a folder of images "
-    "with --grid"
+    "TileConfiguration.txt, positions CSV (file,x,y[,z][,channel]), a folder or file of "
+    "OME-TIFFs with stage positions, a BigStitcher dataset.xml, a .czi mosaic, or a folder "
+    "of images with --grid"
 )
 
 

@@ -36,6 +36,11 @@ def mosaic_from_file(
     (32, 60)
     """
     table = read_positions(path)
+    if table.channels is not None and len(set(table.channels)) > 1:
+        raise InputError(
+            f"{table.source}: lists {len(set(table.channels))} channels (a channel column); "
+            "a Mosaic holds one: use gpufusion.readers.detect.read_tileset(...).mosaics()"
+        )
     sources = [open_tile(f) for f in table.files]
     for f, src in zip(table.files, sources, strict=True):
         if len(src.shape) != table.ndim:

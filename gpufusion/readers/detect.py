@@ -268,7 +268,8 @@ def read_tileset(
         table = reader(p) if format is not None else read_positions(p)
         sources = [open_tile(f) for f in table.files]
         result = tileset_from_positions(sources, table.positions, [str(f) for f in table.files],
-                                        p, pixel_size=pixel_size, unit=unit)
+                                        p, pixel_size=pixel_size, unit=unit,
+                                        channels=table.channels)
     elif fmt == "ome-tiff":
         from .ome_tiff import read_ome_tiff
 

@@ -22,11 +22,27 @@ basename in its sub-folders and must match exactly one file.
 
 CSV::
 
-    file,x,y[,z]
+    file,x,y[,z][,channel]
     tile_0.tif,0,0
     tile_1.tif,921.0,3.5
 
-Columns may come in any order, extra columns are ignored, ``#`` lines are comments.
+Columns may come in any order, names are case-insensitive, extra columns are ignored,
+``#`` lines are comments.
+
+The optional ``channel`` column makes a multi-channel tile set, one file per channel per
+tile (as ``gpufusion register`` writes for multi-channel input)::
+
+    file,x,y,channel
+    tile_0--C00.tif,0,0,C00
+    tile_1--C00.tif,921.0,3.5,C00
+    tile_0--C01.tif,0,0,C01
+    tile_1--C01.tif,921.0,3.5,C01
+
+Rows are grouped by channel value (stripped; channels in order of first appearance) and
+tile ``t`` of a channel is that channel's ``t``-th row, so rows may be grouped by channel
+or interleaved by tile. Every channel must list the same number of tiles, tile ``t`` must
+have the same position (within 1e-6 px) in every channel, and no channel value may be
+empty. Without the column every row is a tile of one channel.
 
 Tile paths are relative to the folder of the positions file. Every problem raises
 :class:`~gpufusion.errors.InputError` with a one-line message ``<file>:<line>: <what>``.
@@ -48,6 +64,7 @@ from gpufusion.errors import InputError
 
 __all__ = [
     "PositionTable",
+    "positions_format",
     "read_positions",
     "read_positions_csv",
     "read_tile_configuration",
@@ -77,20 +94,26 @@ class PositionTable:
         2 or 3.
     source : Path
         The positions file.
+    channels : list of str or None
+        ``channels[i]`` is the channel of ``files[i]`` (a CSV ``channel`` column), or
+        ``None`` for single-channel files (the default). When given, every channel has the
+        same number of rows; tile ``t`` of a channel is its ``t``-th row (see
+        :meth:`channel_rows`).
 
     Examples
     --------
     >>> import numpy as np
     >>> table = PositionTable([Path("/data/a.tif")], np.array([[0.0, 5.0]]), 2,
     ...                       Path("/data/pos.csv"))
-    >>> len(table), table.positions[0].tolist()
-    (1, [0.0, 5.0])
+    >>> len(table), table.positions[0].tolist(), table.channels
+    (1, [0.0, 5.0], None)
     """
 
     files: list[Path]
     positions: np.ndarray
     ndim: int
     source: Path
+    channels: list[str] | None = None
 
     def __post_init__(self) -> None:
         positions = np.array(self.positions, dtype=np.float64)
@@ -100,9 +123,37 @@ class PositionTable:
             )
         positions.setflags(write=False)
         object.__setattr__(self, "positions", positions)
+        if self.channels is not None:
+            channels = [str(c) for c in self.channels]
+            if len(channels) != len(self.files):
+                raise ValueError(
+                    f"{len(channels)} channel values for {len(self.files)} files"
+                )
+            object.__setattr__(self, "channels", channels)
+            counts = {len(rows) for rows in self.channel_rows().values()}
+            if len(counts) > 1:
+                raise ValueError(f"channels list different tile counts {sorted(counts)}")
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def channel_rows(self) -> dict[str, list[int]]:
+        """Row indices of every channel's tiles, in tile order; channels in order of first
+        appearance. Without channels: ``{"channel 0": [0, 1, ...]}``.
+
+        Examples
+        --------
+        >>> t = PositionTable([Path("/a0"), Path("/b0"), Path("/a1"), Path("/b1")],
+        ...                   np.zeros((4, 2)), 2, Path("/p.csv"), ["A", "B", "A", "B"])
+        >>> t.channel_rows()
+        {'A': [0, 2], 'B': [1, 3]}
+        """
+        if self.channels is None:
+            return {"channel 0": list(range(len(self.files)))}
+        rows: dict[str, list[int]] = {}
+        for i, channel in enumerate(self.channels):
+            rows.setdefault(channel, []).append(i)
+        return rows
 
 
 def _fail(source: Path, line: int | None, message: str) -> InputError:
@@ -211,12 +262,64 @@ class _TileResolver:
         return resolved
 
 
-def _finish(source: Path, files: list[Path], rows: list[list[float]], ndim: int) -> PositionTable:
+def _finish(
+    source: Path,
+    files: list[Path],
+    rows: list[list[float]],
+    ndim: int,
+    channels: list[str] | None = None,
+) -> PositionTable:
     """Build the table, reversing file order (x, y[, z]) into index order."""
     if not files:
         raise _fail(source, None, "no tiles listed")
     positions = np.asarray(rows, dtype=np.float64)[:, ::-1]
-    return PositionTable(files=files, positions=positions, ndim=ndim, source=source)
+    return PositionTable(files=files, positions=positions, ndim=ndim, source=source,
+                         channels=channels)
+
+
+#: Largest difference, in pixels, between the positions one tile gets in two channels.
+CHANNEL_POSITION_TOLERANCE = 1e-6
+
+
+def _check_channels(
+    source: Path, channels: list[str], rows: list[list[float]], lines: list[int], ndim: int
+) -> None:
+    """Check that every channel lists the same tiles at the same positions.
+
+    ``rows`` are in file order (x, y[, z]); ``lines`` are the rows' line numbers.
+    """
+    by_channel: dict[str, list[int]] = {}
+    for i, channel in enumerate(channels):
+        by_channel.setdefault(channel, []).append(i)
+    (first, ref), *others = by_channel.items()
+    axes = ", ".join(_AXES[:ndim])
+
+    def shown(row: list[float]) -> str:
+        return "(" + ", ".join(repr(float(v)) for v in row) + ")"
+
+    for channel, members in others:
+        for t, (i, r) in enumerate(zip(members, ref, strict=False)):
+            if any(abs(a - b) > CHANNEL_POSITION_TOLERANCE
+                   for a, b in zip(rows[i], rows[r], strict=True)):
+                raise _fail(
+                    source,
+                    lines[i],
+                    f"channel {channel!r} tile {t} is at ({axes}) = {shown(rows[i])} but "
+                    f"channel {first!r} puts it at {shown(rows[r])}; every channel of a tile "
+                    "needs the same position",
+                )
+    counts = {channel: len(members) for channel, members in by_channel.items()}
+    fewest = min(counts, key=counts.__getitem__)
+    n = counts[fewest]
+    if any(count > n for count in counts.values()):
+        i = min(members[n] for members in by_channel.values() if len(members) > n)
+        raise _fail(
+            source,
+            lines[i],
+            f"channel {channels[i]!r} lists {counts[channels[i]]} tiles but channel "
+            f"{fewest!r} lists {n}, so tile {n} of {channels[i]!r} has no match; every "
+            "channel needs the same number of tiles",
+        )
 
 
 def read_tile_configuration(path: str | os.PathLike[str]) -> PositionTable:
@@ -305,27 +408,31 @@ def read_tile_configuration(path: str | os.PathLike[str]) -> PositionTable:
 
 
 def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
-    """Read a CSV positions file with a ``file,x,y[,z]`` header.
+    """Read a CSV positions file with a ``file,x,y[,z][,channel]`` header.
 
     Parameters
     ----------
     path : str or path-like
         The CSV file. The first non-blank, non-``#`` line is the header; it must name
-        the columns ``file``, ``x`` and ``y`` and may name ``z`` (case-insensitive, any
-        order, other columns ignored). Fields may be quoted and padded with spaces.
+        the columns ``file``, ``x`` and ``y`` and may name ``z`` and ``channel``
+        (case-insensitive, any order, other columns ignored). Fields may be quoted and
+        padded with spaces.
 
     Returns
     -------
     PositionTable
-        Positions in index order (``(y, x)`` or ``(z, y, x)`` when ``z`` is present).
+        Positions in index order (``(y, x)`` or ``(z, y, x)`` when ``z`` is present),
+        in file order. With a ``channel`` column, ``channels`` holds every row's
+        (stripped) channel value; tile ``t`` of a channel is its ``t``-th row.
 
     Raises
     ------
     InputError
         For an unreadable file, a missing or duplicated header column, a row whose
         field count differs from the header, a non-finite or non-numeric coordinate,
-        a missing or duplicated tile file, or an empty tile list. The message names
-        the file and line.
+        a missing or duplicated tile file, an empty tile list, an empty channel value,
+        channels listing different numbers of tiles, or a tile whose position differs
+        between channels (by more than 1e-6 px). The message names the file and line.
 
     Examples
     --------
@@ -335,6 +442,11 @@ def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
     >>> _ = (folder / "pos.csv").write_text("file, x, y\\na.tif, 10.5, 2\\n")
     >>> read_positions_csv(folder / "pos.csv").positions.tolist()
     [[2.0, 10.5]]
+    >>> tifffile.imwrite(folder / "b.tif", np.zeros((4, 4), np.uint8))
+    >>> _ = (folder / "two.csv").write_text("file,x,y,channel\\na.tif,0,0,DAPI\\nb.tif,0,0,GFP\\n")
+    >>> table = read_positions_csv(folder / "two.csv")
+    >>> table.channels, table.channel_rows()
+    (['DAPI', 'GFP'], {'DAPI': [0], 'GFP': [1]})
     """
     source = Path(path)
     lines = _read_text_lines(source)
@@ -343,6 +455,8 @@ def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
     columns: dict[str, int] = {}
     files: list[Path] = []
     rows: list[list[float]] = []
+    channels: list[str] = []
+    row_lines: list[int] = []
     ndim = 2
     for number, line in _content_lines(lines):
         try:
@@ -351,18 +465,18 @@ def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
             raise _fail(source, number, f"malformed CSV line ({exc})") from None
         if header is None:
             header = [f.lower() for f in fields]
-            for column in ("file", "x", "y", "z"):
+            for column in ("file", "x", "y", "z", "channel"):
                 hits = [i for i, name in enumerate(header) if name == column]
                 if len(hits) > 1:
                     raise _fail(source, number, f"column {column!r} appears {len(hits)} times")
                 if hits:
                     columns[column] = hits[0]
-                elif column != "z":
+                elif column not in ("z", "channel"):
                     raise _fail(
                         source,
                         number,
                         f"missing column {column!r} in header {line[:80]!r}; "
-                        "expected a header with columns file,x,y[,z]",
+                        "expected a header with columns file,x,y[,z][,channel]",
                     )
             ndim = 3 if "z" in columns else 2
             continue
@@ -376,11 +490,67 @@ def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
         if not name:
             raise _fail(source, number, "empty file name")
         row = [_parse_number(source, number, axis, fields[columns[axis]]) for axis in _AXES[:ndim]]
+        if "channel" in columns:
+            channel = fields[columns["channel"]]
+            if not channel:
+                raise _fail(source, number, f"empty channel value for tile {name!r}")
+            channels.append(channel)
         files.append(resolver.resolve(name, number))
         rows.append(row)
+        row_lines.append(number)
     if header is None:
-        raise _fail(source, None, "empty CSV; expected a header with columns file,x,y[,z]")
-    return _finish(source, files, rows, ndim)
+        raise _fail(
+            source, None, "empty CSV; expected a header with columns file,x,y[,z][,channel]"
+        )
+    if "channel" not in columns:
+        return _finish(source, files, rows, ndim)
+    if files:
+        _check_channels(source, channels, rows, row_lines, ndim)
+    return _finish(source, files, rows, ndim, channels)
+
+
+def positions_format(path: str | os.PathLike[str]) -> str:
+    """Which reader :func:`read_positions` uses for ``path``: ``"csv"`` or ``"tileconfig"``.
+
+    A ``.csv`` suffix means CSV. Otherwise the first non-comment line decides: ``dim = N``
+    or a ``;``-separated tile line means a Fiji TileConfiguration; a CSV header naming a
+    ``file`` column means CSV. Only the text is read; tile files are not looked at.
+
+    Raises
+    ------
+    InputError
+        For an unreadable file, or when the format is not recognised.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "tiles.txt").write_text("dim = 2\\na.tif; ; (1, 2)\\n")
+    >>> _ = (folder / "tiles.dat").write_text("file,x,y,channel\\n")
+    >>> positions_format(folder / "tiles.txt"), positions_format(folder / "tiles.dat")
+    ('tileconfig', 'csv')
+    """
+    source = Path(path)
+    if source.suffix.lower() == ".csv":
+        return "csv"
+    lines = _read_text_lines(source)
+    first = next(_content_lines(lines), None)
+    if first is not None:
+        line = first[1]
+        if _DIM_RE.match(line) or ";" in line:
+            return "tileconfig"
+        try:
+            header = [f.strip().lower() for f in next(csv.reader([line]))]
+        except csv.Error:
+            header = []
+        if "file" in header:
+            return "csv"
+    raise _fail(
+        source,
+        first[0] if first is not None else None,
+        "unrecognised positions file; expected a Fiji TileConfiguration ('dim = N' and "
+        "'name; ; (x, y)' lines) or a CSV with a file,x,y[,z][,channel] header",
+    )
 
 
 def read_positions(path: str | os.PathLike[str]) -> PositionTable:
@@ -389,7 +559,7 @@ def read_positions(path: str | os.PathLike[str]) -> PositionTable:
     A ``.csv`` suffix means CSV (:func:`read_positions_csv`). Otherwise the first
     non-comment line decides: ``dim = N`` or a ``;``-separated tile line means a Fiji
     TileConfiguration (:func:`read_tile_configuration`); a CSV header naming a ``file``
-    column means CSV.
+    column means CSV (see :func:`positions_format`).
 
     Parameters
     ----------
@@ -415,24 +585,6 @@ def read_positions(path: str | os.PathLike[str]) -> PositionTable:
     >>> read_positions(folder / "tiles.txt").positions.tolist()
     [[2.0, 1.0]]
     """
-    source = Path(path)
-    if source.suffix.lower() == ".csv":
-        return read_positions_csv(source)
-    lines = _read_text_lines(source)
-    first = next(_content_lines(lines), None)
-    if first is not None:
-        line = first[1]
-        if _DIM_RE.match(line) or ";" in line:
-            return read_tile_configuration(source)
-        try:
-            header = [f.strip().lower() for f in next(csv.reader([line]))]
-        except csv.Error:
-            header = []
-        if "file" in header:
-            return read_positions_csv(source)
-    raise _fail(
-        source,
-        first[0] if first is not None else None,
-        "unrecognised positions file; expected a Fiji TileConfiguration ('dim = N' and "
-        "'name; ; (x, y)' lines) or a CSV with a file,x,y[,z] header",
-    )
+    if positions_format(path) == "csv":
+        return read_positions_csv(path)
+    return read_tile_configuration(path)

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ..layout import Mosaic, mosaic_from_affines, translation_affine
 from ..sources import TileSource
+from .positions import CHANNEL_POSITION_TOLERANCE
 
 __all__ = ["LENGTH_UNITS", "TileSet", "length_to_um", "ngff_length_unit",
            "tileset_from_positions"]
@@ -270,21 +271,39 @@ def tileset_from_positions(
     *,
     pixel_size: float | Sequence[float] | None = None,
     unit: str | None = None,
+    channels: Sequence[str] | None = None,
 ) -> TileSet:
-    """Single-channel TileSet of tiles placed by translation (positions in world pixels).
+    """TileSet of tiles placed by translation (positions in world pixels).
+
+    Without ``channels`` every source is a tile of one channel, ``"channel 0"``. With
+    ``channels`` (one value per source, as :attr:`PositionTable.channels
+    <gpufusion.readers.positions.PositionTable>` holds them), sources are grouped by
+    channel value, channels in order of first appearance, and tile ``t`` of a channel is
+    its ``t``-th source; tiles take the positions and names of the first channel's
+    sources (as multi-channel OME-TIFF tiles are named after their first channel file).
 
     Parameters
     ----------
     sources : sequence of TileSource
     positions : ndarray, shape (n, ndim)
-        Position of each tile's pixel 0, index order.
+        Position of each source's pixel 0, index order.
     names : sequence of str
+        One per source.
     source : Path
         The positions file or folder (for messages).
     pixel_size : float or sequence of float, optional
         Physical pixel size, one number or one per axis (index order).
     unit : str, optional
         Unit of ``pixel_size`` (default ``"micrometer"`` when a size is given).
+    channels : sequence of str, optional
+        The channel of every source.
+
+    Raises
+    ------
+    InputError
+        For a source whose dimensionality differs from the positions', channels with
+        different tile counts, or a tile whose position differs between channels (by
+        more than 1e-6 px).
 
     Examples
     --------
@@ -293,6 +312,11 @@ def tileset_from_positions(
     ...                             ["a", "b"], Path("."), pixel_size=0.5)
     >>> ts.pixel_size, ts.unit, ts.positions().tolist()
     ((0.5, 0.5), 'micrometer', [[0.0, 0.0], [0.0, 3.5]])
+    >>> ts = tileset_from_positions([np.zeros((4, 4))] * 4, np.array([[0, 0], [0, 3], [0, 0],
+    ...                             [0, 3]]), ["a0", "b0", "a1", "b1"], Path("."),
+    ...                             channels=["DAPI", "DAPI", "GFP", "GFP"])
+    >>> ts.n_channels, ts.channel_names, ts.names, ts.positions().tolist()
+    (2, ['DAPI', 'GFP'], ['a0', 'b0'], [[0.0, 0.0], [0.0, 3.0]])
     """
     pos = np.asarray(positions, dtype=np.float64)
     ndim = pos.shape[1]
@@ -302,6 +326,31 @@ def tileset_from_positions(
                 f"{name}: image is {len(src.shape)}D but {source} gives {ndim}D positions"
             )
     size = normalise_pixel_size(pixel_size, ndim, source)
-    affines = np.stack([translation_affine(p) for p in pos])
-    return TileSet([list(sources)], affines, [str(n) for n in names], ["channel 0"], size,
-                   (unit or "micrometer") if size is not None else None, Path(source))
+    if channels is None:
+        rows = {"channel 0": list(range(len(sources)))}
+    else:
+        if len(channels) != len(sources):
+            raise InputError(f"{source}: {len(channels)} channel values for "
+                             f"{len(sources)} tile files")
+        rows = {}
+        for i, channel in enumerate(channels):
+            rows.setdefault(str(channel), []).append(i)
+    (first, ref), *others = rows.items() or {"channel 0": []}.items()
+    for channel, members in others:
+        if len(members) != len(ref):
+            raise InputError(
+                f"{source}: channel {channel!r} has {len(members)} tiles but channel "
+                f"{first!r} has {len(ref)}; every channel needs the same number of tiles"
+            )
+        for t, (i, r) in enumerate(zip(members, ref, strict=True)):
+            if np.abs(pos[i] - pos[r]).max() > CHANNEL_POSITION_TOLERANCE:
+                raise InputError(
+                    f"{source}: channel {channel!r} tile {t} ({names[i]}) is at "
+                    f"{pos[i].tolist()} but channel {first!r} puts it at {pos[r].tolist()} "
+                    "(index order); every channel of a tile needs the same position"
+                )
+    affines = (np.stack([translation_affine(pos[r]) for r in ref]) if ref
+               else np.zeros((0, ndim + 1, ndim + 1)))
+    return TileSet([[sources[i] for i in members] for members in rows.values()], affines,
+                   [str(names[r]) for r in ref], list(rows),
+                   size, (unit or "micrometer") if size is not None else None, Path(source))
