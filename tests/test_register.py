@@ -659,3 +659,28 @@ def test_leica_wrong_stage_metadata_is_recovered_by_registration() -> None:
     result = register_mosaic(c01, backend="numpy", max_shift=80)
     offset = result.positions[1] - result.positions[0]
     assert np.abs(offset - [936.75, 3.23]).max() <= 1.0, offset
+
+
+def test_cli_register_multichannel_csv_fuses_every_channel(tmp_path: Path, capsys) -> None:
+    """``register`` on a two-channel OME-TIFF folder writes every channel's files (a
+    ``channel`` column); fusing that CSV gives both channels, as ``fuse --register`` does."""
+    import zarr
+
+    from gpufusion.cli import main
+    from gpufusion.readers.detect import read_tileset
+
+    folder = needs(DATA / "leica_2tiles" / "experiment--test")
+    opts = ["--reg-channel", "1", "--max-shift", "80", "--backend", "numpy", "-q"]
+    assert main(["register", str(folder), "-o", str(tmp_path / "p.csv"), *opts]) == 0
+    tiles = read_tileset(tmp_path / "p.csv")
+    assert tiles.channel_names == ["C00", "C01"] and tiles.n_tiles == 2
+    offset = tiles.positions()[1] - tiles.positions()[0]
+    assert np.abs(offset - [936.75, 3.23]).max() <= 1.0
+    assert main(["fuse", str(tmp_path / "p.csv"), "-o", str(tmp_path / "a.ome.zarr"),
+                 "--backend", "numpy", "-q"]) == 0
+    assert main(["fuse", str(folder), "--register", "-o", str(tmp_path / "b.ome.zarr"),
+                 *opts]) == 0
+    a = zarr.open_group(str(tmp_path / "a.ome.zarr"), mode="r")["0"][:]
+    b = zarr.open_group(str(tmp_path / "b.ome.zarr"), mode="r")["0"][:]
+    assert a.shape == b.shape and a.shape[0] == 2
+    assert np.abs(a.astype(np.int64) - b).max() <= 1  # CSV positions carry 4 decimals

@@ -1,7 +1,8 @@
 """``gpufusion register INPUT -o positions.csv``: correct stage positions by registration.
 
-Writes the corrected positions as a CSV (``file,x,y[,z]``, pixels; direct ``fuse`` input)
-and the edge table beside it (``positions.edges.csv``); ``--report`` adds a picture of the
+Writes the corrected positions as a CSV (``file,x,y[,z]``, pixels; direct ``fuse`` input;
+multi-channel input gets a ``channel`` column listing every channel's files) and the edge
+table beside it (``positions.edges.csv``); ``--report`` adds a picture of the
 layout (``.html``, ``.svg`` or ``.png``).
 
 ``fuse --register`` reuses :func:`add_registration_options` and :func:`register_for_fuse`.
@@ -130,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(outputs, [p for ch in tiles.sources for s in ch
                             if (p := getattr(s, "path", None)) is not None], args.overwrite)
     reg = tiles.select_channel(registration_channel(args))
-    files = [getattr(src, "path", None) for src in reg.sources[0]]
-    if any(f is None for f in files) or len(set(files)) != len(files):
+    files = [[getattr(src, "path", None) for src in channel] for channel in tiles.sources]
+    flat = [f for channel in files for f in channel]
+    if any(f is None for f in flat) or len(set(flat)) != len(flat):
         raise InputError(f"{source}: its tiles are not one file each, so no positions CSV can "
                          "list them; use 'gpufusion fuse INPUT --register' instead")
     if not all(np.allclose(a[:-1, :-1], np.eye(tiles.ndim)) for a in tiles.affines):
@@ -139,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
                          "rotated or scaled tiles")
     result = _register(args, reg.mosaics()[0], args.backend)
     with staged(outputs) as tmp:
-        write_positions_csv(tmp[out], result.positions, files)
+        if tiles.n_channels == 1:
+            write_positions_csv(tmp[out], result.positions, files[0])
+        else:  # every channel, moved alike: fuse reads them back into the c axis
+            write_positions_csv(tmp[out], result.positions, files, tiles.channel_names)
         result.write_edges_csv(tmp[outputs[1]])
         if args.report:
             result.write_report(tmp[outputs[2]])

@@ -37,8 +37,14 @@ def _fmt(v: float) -> str:
 
 
 def write_positions_csv(path: str | Path, positions: np.ndarray,
-                        files: Sequence[str | Path]) -> Path:
+                        files: Sequence[str | Path] | Sequence[Sequence[str | Path]],
+                        channel_names: Sequence[str] | None = None) -> Path:
     """Write tile positions as ``file,x,y[,z]`` (pixels; positions given in index order).
+
+    With ``channel_names``, ``files[c]`` lists channel ``c``'s file of every tile and the
+    CSV gets a ``channel`` column: one row per channel and tile, grouped by channel, every
+    channel of a tile at the tile's position (the format :func:`gpufusion.readers.read_positions`
+    reads back into one channel each).
 
     Files inside the CSV's folder are written relative to it (the CSV stays valid when the
     folder moves with its tiles), others with their absolute path.
@@ -53,18 +59,34 @@ def write_positions_csv(path: str | Path, positions: np.ndarray,
     file,x,y
     a.tif,0.0000,0.0000
     b.tif,90.2500,2.5000
+    >>> p = write_positions_csv(d / "pos2.csv", np.array([[0.0, 0.0], [2.5, 90.25]]),
+    ...                         [[d / "a.tif", d / "b.tif"], [d / "a1.tif", d / "b1.tif"]],
+    ...                         ["DAPI", "GFP"])
+    >>> print(p.read_text().strip())
+    file,x,y,channel
+    a.tif,0.0000,0.0000,DAPI
+    b.tif,90.2500,2.5000,DAPI
+    a1.tif,0.0000,0.0000,GFP
+    b1.tif,90.2500,2.5000,GFP
     """
     out = Path(path)
     pos = np.asarray(positions, dtype=np.float64)
-    if len(files) != len(pos):
-        raise InputError(f"{out}: {len(files)} file names for {len(pos)} positions")
+    per_channel = [list(files)] if channel_names is None else [list(f) for f in files]
+    if channel_names is not None and len(per_channel) != len(channel_names):
+        raise InputError(f"{out}: {len(per_channel)} file lists for {len(channel_names)} "
+                         "channels")
+    for names in per_channel:
+        if len(names) != len(pos):
+            raise InputError(f"{out}: {len(names)} file names for {len(pos)} positions")
     ndim = pos.shape[1]
     base = out.resolve().parent
     with open(out, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["file", *_AXES[:ndim]])
-        for f, p in zip(files, pos, strict=True):
-            w.writerow([_relative(f, base), *(_fmt(v) for v in p[::-1])])
+        w.writerow(["file", *_AXES[:ndim], *(["channel"] if channel_names else [])])
+        for c, names in enumerate(per_channel):
+            extra = [channel_names[c]] if channel_names else []
+            for f, p in zip(names, pos, strict=True):
+                w.writerow([_relative(f, base), *(_fmt(v) for v in p[::-1]), *extra])
     return out
 
 
