@@ -684,3 +684,24 @@ def test_cli_register_multichannel_csv_fuses_every_channel(tmp_path: Path, capsy
     b = zarr.open_group(str(tmp_path / "b.ome.zarr"), mode="r")["0"][:]
     assert a.shape == b.shape and a.shape[0] == 2
     assert np.abs(a.astype(np.int64) - b).max() <= 1  # CSV positions carry 4 decimals
+
+
+def test_fuse_register_report_has_edges_sidecar_and_respects_overwrite(tile_csv,
+                                                                       tmp_path: Path,
+                                                                       capsys) -> None:
+    from gpufusion.cli import main
+
+    src, _ = tile_csv
+    report = tmp_path / "r.png"
+    argv = ["fuse", str(src), "--register", "--max-shift", "10", "--backend", "numpy", "-q",
+            "--report", str(report)]
+    assert main([*argv, "-o", str(tmp_path / "a.ome.zarr")]) == 0
+    with open(tmp_path / "r.edges.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) >= 4 and sum(r["status"] == "kept" for r in rows) >= 4
+    assert report.read_bytes().startswith(b"\x89PNG")
+    stamp = report.stat().st_mtime_ns
+    code = main([*argv, "-o", str(tmp_path / "b.ome.zarr")])  # the report exists now
+    assert code == 2 and "r.png: already exists" in capsys.readouterr().err
+    assert report.stat().st_mtime_ns == stamp and not (tmp_path / "b.ome.zarr").exists()
+    assert main([*argv, "-o", str(tmp_path / "b.ome.zarr"), "--overwrite"]) == 0

@@ -208,14 +208,24 @@ def register_channels(args: argparse.Namespace, channels: list[Mosaic],
 def register_for_fuse(args: argparse.Namespace, mosaic: Mosaic, backend: str) -> Mosaic:
     """Register ``mosaic`` for ``fuse --register`` and return the corrected mosaic.
 
-    ``args`` carries the options of :func:`add_registration_options` (and ``quiet``);
-    ``backend`` is the fusion's resolved backend (``numpy`` or ``cupy``). The summary goes
-    to stderr as notices; ``--report`` is written when given.
+    ``args`` carries the options of :func:`add_registration_options` (and ``quiet``, and
+    ``overwrite`` when the command has it); ``backend`` is the fusion's resolved backend
+    (``numpy`` or ``cupy``). The summary goes to stderr as notices; ``--report FILE`` is
+    written with the edge table beside it (``FILE-stem.edges.csv``), both atomically.
     """
+    from ..registration import edges_path_for
+    from .outputs import check_outputs, staged
+
     _check_report_path(args.report)
+    outputs = [Path(args.report), edges_path_for(args.report)] if args.report else []
+    inputs = [p for t in mosaic.tiles if (p := getattr(t.source, "path", None)) is not None]
+    check_outputs(outputs, inputs, getattr(args, "overwrite", False))
     result = _register(args, mosaic, backend)
     for line in result.summary().splitlines():
         notice(args, line)
-    if args.report:
-        result.write_report(args.report)
+    if outputs:
+        with staged(outputs) as tmp:
+            result.write_report(tmp[outputs[0]])
+            result.write_edges_csv(tmp[outputs[1]])
+        notice(args, f"wrote {outputs[0]} and {outputs[1]}")
     return result.mosaic
