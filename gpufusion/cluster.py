@@ -17,6 +17,11 @@ from disk), so no tile pixels pass through the scheduler; only the small per-chu
 Every setup failure (dask-cuda missing, no GPU, an unreachable scheduler) becomes a one-line
 :class:`~gpufusion.errors.InputError`.
 
+With a cluster, the backend is chosen where the tasks run: :func:`resolve_cluster_backend`
+asks every worker for :func:`gpufusion.backends.gpu_status` (a device, and a trial kernel
+compiled and run there), so a login node without a GPU can send CuPy fusion to GPU
+workers; the graph is then built with NumPy ``meta`` (``fuse(..., on_workers=True)``).
+
 Examples
 --------
 >>> with connect() as client:
@@ -31,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from .backends import BACKENDS, one_line
 from .errors import InputError
 
 #: Seconds to wait for a scheduler to answer.
@@ -58,11 +64,6 @@ def _check_gpus(gpus: Sequence[int]) -> None:
         raise InputError("--gpus: give at least one GPU index, such as 0 or 0,1")
     if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
         raise InputError(f"--gpus: indices must be distinct and >= 0, got {list(gpus)}")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _device_count() -> int | None:
@@ -112,7 +113,7 @@ def local_gpu_cluster(gpus: Sequence[int], stack: ExitStack,
         from distributed import Client
     except ImportError as exc:
         raise InputError(f"--gpus needs dask-cuda and distributed (pip install "
-                         f"'gpufusion[gpu]'): {_one_line(exc)}") from None
+                         f"'gpufusion[gpu]'): {one_line(exc)}") from None
     count = _device_count()
     if count == 0:
         raise InputError("--gpus: no usable CUDA device on this machine")
@@ -126,7 +127,7 @@ def local_gpu_cluster(gpus: Sequence[int], stack: ExitStack,
         return stack.enter_context(Client(cluster))
     except _cluster_errors() as exc:
         raise InputError(f"--gpus {','.join(map(str, gpus))}: could not start the GPU "
-                         f"workers ({_one_line(exc)})") from None
+                         f"workers ({one_line(exc)})") from None
 
 
 def remote_client(address: str, stack: ExitStack, timeout: float = CONNECT_TIMEOUT) -> Any:
@@ -135,11 +136,71 @@ def remote_client(address: str, stack: ExitStack, timeout: float = CONNECT_TIMEO
         from distributed import Client
     except ImportError as exc:
         raise InputError(f"--scheduler needs distributed (pip install 'gpufusion[gpu]'): "
-                         f"{_one_line(exc)}") from None
+                         f"{one_line(exc)}") from None
     try:
         return stack.enter_context(Client(address, timeout=timeout))
     except _cluster_errors() as exc:
-        raise InputError(f"--scheduler {address}: cannot connect ({_one_line(exc)})") from None
+        raise InputError(f"--scheduler {address}: cannot connect ({one_line(exc)})") from None
+
+
+def _probe_worker() -> tuple[bool, str]:
+    """Run on each worker by :func:`worker_gpu_status`."""
+    from . import backends
+
+    return backends.gpu_status()
+
+
+def worker_gpu_status(client: Any) -> dict[str, tuple[bool, str]]:
+    """:func:`gpufusion.backends.gpu_status` of every worker of ``client``, by address.
+
+    A worker on which the probe itself fails (gpufusion missing there, say) counts as
+    having no usable GPU, with the error as the reason.
+    """
+    try:
+        replies = client.run(_probe_worker, on_error="return")
+    except _cluster_errors() as exc:
+        raise InputError(f"cannot ask the Dask workers for their GPUs ({one_line(exc)})"
+                         ) from None
+    status = {}
+    for worker, reply in sorted(replies.items()):
+        if isinstance(reply, BaseException):
+            status[worker] = (False, f"the GPU probe failed there ({one_line(reply)})")
+        else:
+            status[worker] = (bool(reply[0]), str(reply[1]))
+    return status
+
+
+def resolve_cluster_backend(client: Any, name: str) -> tuple[str, str | None]:
+    """Resolve ``name`` for the workers of ``client``: ``(backend, notice or None)``.
+
+    ``numpy`` needs nothing. ``cupy`` needs a usable GPU on every worker; ``auto`` picks
+    ``cupy`` only when every worker has one, else ``numpy`` with a one-line notice naming
+    a worker without.
+
+    Raises
+    ------
+    InputError
+        ``cupy`` with a worker lacking a usable GPU (named, with the reason), or a cluster
+        without workers (``auto`` and ``cupy``).
+    """
+    if name not in BACKENDS:
+        raise InputError(f"backend: unknown {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "numpy":
+        return "numpy", None
+    status = worker_gpu_status(client)
+    if not status:
+        raise InputError(f"backend {name}: the Dask cluster has no workers to run on (start "
+                         "workers first)")
+    lacking = [(w, why) for w, (ok, why) in status.items() if not ok]
+    if not lacking:
+        first = next(iter(status.values()))[1]
+        return "cupy", f"using the GPU backend on {len(status)} worker(s) ({first} each)"
+    worker, why = lacking[0]
+    others = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+    if name == "cupy":
+        raise InputError(f"backend cupy: worker {worker}{others} has no usable GPU: {why}")
+    return "numpy", (f"worker {worker}{others} has no usable GPU ({why}); using the NumPy "
+                     "backend")
 
 
 @contextmanager

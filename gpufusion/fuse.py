@@ -84,6 +84,7 @@ def fuse(
     dtype: str | np.dtype | None = None,
     backend: str = "numpy",
     algorithm: str = "auto",
+    on_workers: bool = False,
 ) -> da.Array:
     """Fuse a mosaic into one lazy dask array.
 
@@ -102,9 +103,16 @@ def fuse(
     dtype : "same", a NumPy dtype, or None
         Output dtype; default the tiles' dtype (rounded half-to-even and clipped).
     backend : {"numpy", "cupy", "auto"}
-        ``numpy`` is the reference; ``cupy`` runs the CUDA kernels (needs a GPU).
+        ``numpy`` is the reference; ``cupy`` runs the CUDA kernels (needs a GPU); ``auto``
+        the GPU when one is usable here.
     algorithm : {"auto", "general", "separable"}
         NumPy backend only: force the per-pixel or the slice-based translation path.
+    on_workers : bool
+        The graph runs on Dask workers whose backend was checked there
+        (:func:`gpufusion.cluster.resolve_cluster_backend`), so ``backend`` (``numpy`` or
+        ``cupy``) need not be usable in this process: a client without a GPU (or without
+        CuPy) builds the graph with NumPy ``meta``, and the tasks return the backend's
+        arrays (``cupy.ndarray`` blocks) on the workers.
 
     Returns
     -------
@@ -122,15 +130,35 @@ def fuse(
     """
     params = fusion_params(mosaic, blend=blend, blend_width=blend_width,
                            interpolation=interpolation, dtype=dtype)
-    impl = backends.get_backend(backend)
+    name, meta = _backend_and_meta(backend, on_workers, mosaic.ndim, params.out_dtype)
     plan = plan_fusion(mosaic, chunks)
     tasks = chunk_task_array(plan, mosaic)
-    meta = impl.empty_meta(mosaic.ndim, params.out_dtype)
     return da.map_blocks(
         _fuse_block, tasks, chunks=plan.chunks, dtype=params.out_dtype, meta=meta,
         name=f"gpufusion-fuse-{tasks.name.rsplit('-', 1)[-1]}",
-        params=params, backend=impl.name, algorithm=algorithm,
+        params=params, backend=name, algorithm=algorithm,
     )
+
+
+def _backend_and_meta(backend: str, on_workers: bool, ndim: int,
+                      dtype: np.dtype) -> tuple[str, Any]:
+    """The backend name the tasks use, and the graph's ``meta``.
+
+    Here (``on_workers`` False) the backend must be usable in this process. For tasks on
+    checked workers it need not be: the meta is then NumPy's when the backend cannot
+    allocate here (a client without a GPU), while the blocks are the backend's arrays.
+    """
+    if not on_workers:
+        name, _ = backends.resolve_backend(backend)
+        return name, backends.get_backend(name).empty_meta(ndim, dtype)
+    if backend not in ("numpy", "cupy"):
+        raise InputError(f"backend: {backend!r} with on_workers=True; resolve it on the "
+                         "workers first (numpy or cupy)")
+    try:
+        impl = backends.get_backend(backend)
+    except InputError:  # not usable here; the workers were checked
+        impl = backends.NumpyBackend()
+    return backend, impl.empty_meta(ndim, dtype)
 
 
 def chunk_task_array(plan: FusionPlan, mosaic: Mosaic) -> da.Array:

@@ -91,9 +91,14 @@ def fuse_to_file(
     out : path
         ``*.ome.zarr`` (a folder) or ``*.ome.tif``.
     backend : {"numpy", "cupy", "auto"}
-        ``auto`` picks the GPU when one is usable.
+        ``auto`` picks the GPU when one is usable (on every worker, with a cluster client).
     ngff_version : {"0.4", "0.5"}
         NGFF 0.4 is written as Zarr v2, NGFF 0.5 as Zarr v3.
+    scheduler : optional
+        Dask scheduler for the computation (None: dask's default). A
+        ``distributed.Client``: the backend is resolved on its workers
+        (:func:`gpufusion.cluster.resolve_cluster_backend`), so this process needs no GPU
+        for ``cupy``.
 
     Other parameters are those of :func:`gpufusion.fuse` and
     :func:`gpufusion.write_ome_zarr`.
@@ -110,10 +115,17 @@ def fuse_to_file(
     out = check_output_path(out, overwrite)
     grid, lead = _as_time_channel_grid(mosaic)
     first = grid[0][0]
-    name, _ = resolve_backend(backend)
+    on_workers = _is_cluster_client(scheduler)
+    if on_workers:
+        from .cluster import resolve_cluster_backend
+
+        name, _ = resolve_cluster_backend(scheduler, backend)
+    else:
+        name, _ = resolve_backend(backend)
     t0 = time.perf_counter()
     fused = [[fuse(m, chunks=chunks, blend=blend, blend_width=blend_width,
-                   interpolation=interpolation, dtype=dtype, backend=name) for m in channels]
+                   interpolation=interpolation, dtype=dtype, backend=name,
+                   on_workers=on_workers) for m in channels]
              for channels in grid]
     # one zarr chunk per time point and channel; no stacking layers for a single mosaic
     if not lead:
@@ -130,7 +142,9 @@ def fuse_to_file(
               "overwrite": overwrite, "progress": progress, "scheduler": scheduler}
     if is_tiff_path(out):
         if name == "cupy":  # the TIFF writer stores host arrays: one copy per chunk
-            image = image.map_blocks(_to_host, dtype=image.dtype,
+            from .backends.cupy_backend import to_host
+
+            image = image.map_blocks(to_host, dtype=image.dtype,
                                      meta=np.empty((0,) * image.ndim, image.dtype))
         tiff_codec = compressor if compressor in TIFF_COMPRESSIONS else "zlib"
         write_ome_tiff(image, out, compression=tiff_codec, **common)
@@ -141,6 +155,12 @@ def fuse_to_file(
     seconds = time.perf_counter() - t0
     return FuseResult(out, tuple(image.shape), np.dtype(image.dtype), len(first), name,
                       seconds)
+
+
+def _is_cluster_client(scheduler: Any) -> bool:
+    """True for a ``distributed.Client`` (duck-typed: distributed need not be installed)."""
+    return scheduler is not None and callable(getattr(scheduler, "run", None)) \
+        and callable(getattr(scheduler, "scheduler_info", None))
 
 
 def _as_time_channel_grid(mosaic: Any) -> tuple[list[list[Mosaic]], tuple[str, ...]]:
@@ -179,21 +199,14 @@ def _zarr_pyramid_options(backend: str) -> dict[str, Any]:
     read back and decompressed (about 15 % faster than read-back for 600 tiles on 2 CPU
     cores, for about 10 % more peak memory; benchmarks/RESULTS.md). CuPy blocks are
     downsampled on the device (``kernels/downsample.cu``), so each block and level crosses
-    to the host once, only to be stored.
+    to the host once, only to be stored. CuPy is imported only where the blocks are (a
+    cluster's client may have none).
     """
     if backend != "cupy":
         return {"pyramid": "inline"}
-    import cupy
+    from .backends.cupy_backend import downsample_mean2_gpu, to_host
 
-    from .backends.cupy_backend import downsample_mean2_gpu
-
-    return {"pyramid": "inline", "downsample": downsample_mean2_gpu, "to_host": cupy.asnumpy}
-
-
-def _to_host(block: Any) -> np.ndarray:
-    import cupy
-
-    return cupy.asnumpy(block)
+    return {"pyramid": "inline", "downsample": downsample_mean2_gpu, "to_host": to_host}
 
 
 #: The same function; the output format follows ``out``'s extension.

@@ -199,6 +199,28 @@ def test_fuse_on_a_running_dask_cluster(tile_dir: Path, capsys) -> None:
     assert psnr(level0[2:114, 2:114], truth[2:114, 2:114]) >= 40
 
 
+def test_fuse_with_gpus_option_equals_local_threads(tile_dir: Path, capsys,
+                                                    monkeypatch) -> None:
+    """``--gpus 0,1`` through the command line: one (stand-in) dask-cuda worker per GPU,
+    the same pixels as the local threaded run, every level."""
+    from .cluster_helpers import install_fake_dask_cuda
+
+    starts = install_fake_dask_cuda(monkeypatch)
+    local, on_gpus = tile_dir / "local.ome.zarr", tile_dir / "gpus.ome.zarr"
+    common = ["fuse", tile_dir / "pos.csv", "--chunk", "40", "--backend", "numpy"]
+    code, _, err = run_cli([*common, "-o", local], capsys)
+    assert code == 0, err
+    code, _, err = run_cli([*common, "-o", on_gpus, "--gpus", "0,1", "--threads-per-gpu", "2"],
+                           capsys)
+    assert code == 0, err
+    assert "running on" in err
+    assert starts == [{"CUDA_VISIBLE_DEVICES": "0,1", "n_workers": 2, "threads_per_worker": 2}]
+    a, b = zarr.open_group(str(local), mode="r"), zarr.open_group(str(on_gpus), mode="r")
+    assert sorted(a.array_keys()) == sorted(b.array_keys()) and len(list(a.array_keys())) >= 2
+    for level in a.array_keys():
+        np.testing.assert_array_equal(b[level][...], a[level][...])
+
+
 def test_unreachable_scheduler_is_a_clear_error(tile_dir: Path, capsys, monkeypatch) -> None:
     import gpufusion.cluster
 

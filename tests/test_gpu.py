@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,20 @@ from gpufusion import fuse
 from gpufusion.backends import cuda_kernels as ck
 from gpufusion.backends import get_backend, gpu_status
 from gpufusion.blend import BLEND_MODES, INTERPOLATIONS
-from gpufusion.cluster import connect, default_threads_per_gpu, parse_gpus
+from gpufusion.cluster import (
+    connect,
+    default_threads_per_gpu,
+    parse_gpus,
+    resolve_cluster_backend,
+)
 from gpufusion.errors import InputError
 from gpufusion.pyramid import downsample_mean2
 
+from .cluster_helpers import (
+    compute_counting_fusion_tasks,
+    dask_cuda_or_stand_in,
+    install_fake_dask_cuda,
+)
 from .conftest import assert_close
 from .host_emulation import cases
 
@@ -180,7 +191,51 @@ def test_downsample_gpu_matches_reference(cp, algorithm: str) -> None:
                                            err_msg=f"{dtype} {shape} {factors}")
 
 
-# ---------------------------------------------------------------------- several GPUs
+# ---------------------------------------------------------------------- dask-cuda workers
+
+
+def file_mosaic(tmp_path: Path, seed: int = 12):
+    """A 2D uint16 mosaic whose tiles are TIFF files (tasks read their own windows)."""
+    import tifffile
+
+    from gpufusion.readers import mosaic_from_file
+
+    case = cases.make_case("subpixel", 2, "linear", "linear", ("uint16", "uint16"), seed)
+    lines = ["file,x,y"]
+    for i, tile in enumerate(case.mosaic.tiles):
+        tifffile.imwrite(tmp_path / f"t{i}.tif", tile.source.read(
+            tuple(slice(0, n) for n in tile.shape)))
+        y, x = tile.affine[:2, 2]
+        lines.append(f"t{i}.tif,{float(x)!r},{float(y)!r}")
+    (tmp_path / "pos.csv").write_text("\n".join(lines) + "\n")
+    return mosaic_from_file(tmp_path / "pos.csv")
+
+
+def fuse_on_gpu_workers(mosaic, gpus: list[int]) -> tuple[np.ndarray, Counter]:
+    """Fuse with the cupy backend on one dask-cuda worker per GPU; the host result and the
+    number of fusion tasks each worker ran."""
+    import cupy
+
+    with connect(gpus=gpus) as client:
+        assert resolve_cluster_backend(client, "auto")[0] == "cupy"
+        image = fuse(mosaic, chunks=8, backend="cupy")
+        host = image.map_blocks(cupy.asnumpy, dtype=image.dtype,
+                                meta=np.empty((0, 0), image.dtype))
+        result, per_worker = compute_counting_fusion_tasks(client, host)
+    assert sum(per_worker.values()) == int(np.prod(image.numblocks))
+    return result, per_worker
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_one_worker_local_cuda_cluster(tmp_path: Path, monkeypatch) -> None:
+    """--gpus 0: one dask-cuda worker fuses every chunk, as the local threads do."""
+    dask_cuda_or_stand_in(monkeypatch)
+    mosaic = file_mosaic(tmp_path)
+    expected = fuse(mosaic, chunks=8, backend="numpy").compute(scheduler="threads")
+    result, per_worker = fuse_on_gpu_workers(mosaic, [0])
+    assert len(per_worker) == 1, per_worker
+    assert_close(result, expected)
 
 
 @pytest.mark.gpu
@@ -191,31 +246,56 @@ def test_two_worker_local_cuda_cluster(tmp_path: Path) -> None:
         pytest.skip(f"needs 2 GPUs for a 2-worker LocalCUDACluster; this machine has "
                     f"{device_count()}")
     pytest.importorskip("dask_cuda", reason="dask-cuda is not installed")
-    import cupy
-    import tifffile
-    from distributed import get_task_stream
-
-    from gpufusion.readers import mosaic_from_file
-
-    case = cases.make_case("subpixel", 2, "linear", "linear", ("uint16", "uint16"), 12)
-    lines = ["file,x,y"]
-    for i, tile in enumerate(case.mosaic.tiles):
-        tifffile.imwrite(tmp_path / f"t{i}.tif", tile.source.read(
-            tuple(slice(0, n) for n in tile.shape)))
-        y, x = tile.affine[:2, 2]
-        lines.append(f"t{i}.tif,{float(x)!r},{float(y)!r}")
-    (tmp_path / "pos.csv").write_text("\n".join(lines) + "\n")
-    mosaic = mosaic_from_file(tmp_path / "pos.csv")
+    mosaic = file_mosaic(tmp_path)
     expected = fuse(mosaic, chunks=8, backend="numpy").compute(scheduler="threads")
-    with connect(gpus=[0, 1]) as client:
-        image = fuse(mosaic, chunks=8, backend="cupy")
-        host = image.map_blocks(cupy.asnumpy, dtype=image.dtype,
-                                meta=np.empty((0, 0), image.dtype))
-        with get_task_stream(client) as ts:
-            result = host.compute()
-    workers = {t["worker"] for t in ts.data if "gpufusion-fuse" in str(t["key"])}
-    assert len(workers) == 2, workers
+    result, per_worker = fuse_on_gpu_workers(mosaic, [0, 1])
+    assert len(per_worker) == 2, per_worker
     assert_close(result, expected)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cli_gpus_option_writes_what_numpy_writes(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``gpufusion fuse ... --gpus 0 --backend cupy`` to OME-Zarr: every level within 1 DN
+    of the local NumPy run's."""
+    import zarr
+
+    from gpufusion.cli import main
+
+    dask_cuda_or_stand_in(monkeypatch)
+    file_mosaic(tmp_path)
+    common = ["fuse", str(tmp_path / "pos.csv"), "--chunk", "16"]
+    assert main([*common, "-o", str(tmp_path / "cpu.ome.zarr"), "--backend", "numpy"]) == 0
+    code = main([*common, "-o", str(tmp_path / "gpu.ome.zarr"), "--backend", "cupy",
+                 "--gpus", "0"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "running on" in err
+    cpu = zarr.open_group(str(tmp_path / "cpu.ome.zarr"), mode="r")
+    gpu = zarr.open_group(str(tmp_path / "gpu.ome.zarr"), mode="r")
+    levels = sorted(cpu.array_keys())
+    assert levels == sorted(gpu.array_keys()) and len(levels) >= 2
+    for level in levels:
+        assert_close(gpu[level][...], cpu[level][...])
+
+
+def test_fusion_task_counting_on_two_cpu_workers(tmp_path: Path) -> None:
+    """The counting the 2-GPU test relies on, proven on a real 2-worker LocalCluster: the
+    fusion step is fused with the to-host step after it (no task key names it), yet every
+    chunk's fusion task is found, once, and both workers ran some."""
+    distributed = pytest.importorskip("distributed")
+    mosaic = file_mosaic(tmp_path)
+    image = fuse(mosaic, chunks=8, backend="numpy")
+    expected = image.compute(scheduler="threads")
+    host = image.map_blocks(np.asarray, dtype=image.dtype, meta=np.empty((0, 0), image.dtype))
+    with distributed.LocalCluster(n_workers=2, processes=False, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        result, per_worker = compute_counting_fusion_tasks(client, host)
+        workers = set(client.scheduler_info()["workers"])
+    assert set(per_worker) == workers and len(workers) == 2, per_worker
+    assert sum(per_worker.values()) == int(np.prod(image.numblocks))
+    np.testing.assert_array_equal(result, expected)
 
 
 # ---------------------------------------------------------------------- CPU-only plumbing
@@ -270,23 +350,7 @@ def test_running_scheduler_fuses_like_local_threads() -> None:
 def fake_dask_cuda(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """``dask_cuda.LocalCUDACluster`` stood in for by an in-process ``LocalCluster``
     (no GPU here): records the arguments gpufusion starts it with."""
-    import types
-
-    distributed = pytest.importorskip("distributed")
-    from gpufusion import cluster as cluster_module
-
-    calls: list[dict] = []
-
-    class LocalCUDACluster(distributed.LocalCluster):
-        def __init__(self, CUDA_VISIBLE_DEVICES: str, **kwargs) -> None:  # noqa: N803
-            calls.append({"CUDA_VISIBLE_DEVICES": CUDA_VISIBLE_DEVICES, **kwargs})
-            super().__init__(processes=False, dashboard_address=None, **kwargs)
-
-    module = types.ModuleType("dask_cuda")
-    module.LocalCUDACluster = LocalCUDACluster  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "dask_cuda", module)
-    monkeypatch.setattr(cluster_module, "_device_count", lambda: None)
-    return calls
+    return install_fake_dask_cuda(monkeypatch)
 
 
 def test_gpu_workers_get_threads_to_overlap_io(fake_dask_cuda: list[dict]) -> None:

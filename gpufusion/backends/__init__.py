@@ -2,6 +2,12 @@
 
 Backends are looked up by name; CuPy is imported lazily, only when the ``cupy`` backend is
 asked for, so ``import gpufusion`` works on machines without CuPy or without a GPU.
+
+"A GPU is usable" (:func:`gpu_status`) means more than a device being present: CuPy imports,
+the CUDA runtime reports a device, and one of gpufusion's own kernels compiles (NVRTC) and
+runs on it with the right result. That trial is made once per process (per ``cupy``
+module), so a machine with a driver but no NVRTC falls back to NumPy under ``auto`` (and
+``--backend cupy`` is refused up front) instead of failing at the first chunk.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import numpy as np
 from ..errors import InputError
 
 BACKENDS = ("auto", "numpy", "cupy")
+
+#: The trial block (uint8) whose 2x2 mean, 4, the trial kernel must return.
+_TRIAL_BLOCK = ((1, 3), (5, 7))
 
 
 class Backend(Protocol):
@@ -44,24 +53,81 @@ class NumpyBackend:
         return fuse_chunk(task.read_windows(), task.table, params, algorithm=algorithm)
 
 
+def one_line(exc: BaseException) -> str:
+    """``"Type: message"`` cut to its first line (CUDA and NVRTC messages run over several).
+
+    Examples
+    --------
+    >>> one_line(RuntimeError("cudaErrorNoDevice: no device\\nmore detail"))
+    'RuntimeError: cudaErrorNoDevice: no device'
+    """
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
 def gpu_status() -> tuple[bool, str]:
-    """Whether a CUDA GPU is usable through CuPy, and a one-line reason when it is not."""
+    """Whether gpufusion can run CUDA kernels here, and a one-line reason.
+
+    Checks, in order: CuPy imports (not installed, or installed but failing to import, are
+    told apart), the CUDA runtime reports a device, and a trial kernel compiles and runs
+    (:func:`kernel_trial`, once per process).
+
+    Returns
+    -------
+    (bool, str)
+        ``(True, "1 CUDA device(s)")`` or ``(False, reason)``, the reason one line.
+    """
     try:
         import cupy
-    except ImportError:
-        return False, "CuPy is not installed (pip install 'gpufusion[gpu]')"
+    except ModuleNotFoundError as exc:
+        if exc.name == "cupy":
+            return False, "CuPy is not installed (pip install 'gpufusion[gpu]')"
+        return False, f"CuPy is installed but cannot be imported ({one_line(exc)})"
+    except Exception as exc:  # ImportError of a CUDA library, or anything its import raises
+        return False, f"CuPy is installed but cannot be imported ({one_line(exc)})"
     try:
-        n = cupy.cuda.runtime.getDeviceCount()
+        n = int(cupy.cuda.runtime.getDeviceCount())
     except Exception as exc:  # CUDARuntimeError without a driver or device
-        return False, f"no usable CUDA device ({type(exc).__name__}: {exc})".splitlines()[0]
+        return False, f"no usable CUDA device ({one_line(exc)})"
     if n < 1:
         return False, "no CUDA device found"
+    ok, why = kernel_trial(cupy)
+    if not ok:
+        return False, why
     return True, f"{n} CUDA device(s)"
+
+
+@functools.lru_cache(maxsize=4)
+def kernel_trial(cupy: Any) -> tuple[bool, str]:
+    """Compile and launch one of gpufusion's kernels on a 2x2 block; check the result.
+
+    Uses ``kernels/downsample.cu`` through the same cached getter and NVRTC options as the
+    real work (so the compiled kernel is reused). Any failure (``CompileException`` without
+    NVRTC, ``CUDADriverError`` or ``CUDARuntimeError`` at launch, a wrong result) gives
+    ``(False, reason)``. Cached per ``cupy`` module, i.e. once per process.
+    """
+    from .cupy_backend import downsample_mean2_gpu
+
+    try:
+        block = cupy.asarray(np.array(_TRIAL_BLOCK, dtype=np.uint8))
+        result = cupy.asnumpy(downsample_mean2_gpu(block, (2, 2))).tolist()
+    except Exception as exc:
+        return False, (f"a CUDA device is present but gpufusion's kernels cannot be compiled "
+                       f"or run ({one_line(exc)})")
+    if result != [[4]]:
+        return False, f"a CUDA device is present but a trial kernel returned {result}, not [[4]]"
+    return True, "trial kernel ran"
 
 
 @functools.cache
 def get_backend(name: str) -> Backend:
-    """The backend called ``name`` (``numpy`` or ``cupy``)."""
+    """The backend called ``name`` (``numpy`` or ``cupy``).
+
+    Raises
+    ------
+    InputError
+        For ``cupy`` when :func:`gpu_status` says no (one line, with the reason).
+    """
     if name == "numpy":
         return NumpyBackend()
     if name == "cupy":
@@ -75,16 +141,22 @@ def get_backend(name: str) -> Backend:
 
 
 def resolve_backend(name: str) -> tuple[str, str | None]:
-    """Resolve ``auto``: the GPU when usable, else NumPy with a one-line notice."""
+    """Resolve ``auto``: the GPU when usable, else NumPy with a one-line notice.
+
+    ``numpy`` and ``cupy`` are returned as given (``cupy`` is checked by
+    :func:`get_backend`).
+
+    Examples
+    --------
+    >>> resolve_backend("numpy")
+    ('numpy', None)
+    """
     if name not in BACKENDS:
         raise InputError(f"backend: unknown {name!r}; choose one of {', '.join(BACKENDS)}")
     if name != "auto":
         return name, None
     ok, why = gpu_status()
     if ok:
-        try:
-            get_backend("cupy")
-            return "cupy", f"using the GPU backend ({why})"
-        except ImportError:
-            return "numpy", "GPU found but the cupy backend is not available; using NumPy"
-    return "numpy", f"no GPU: {why}; using the NumPy backend"
+        get_backend("cupy")
+        return "cupy", f"using the GPU backend ({why})"
+    return "numpy", f"no usable GPU: {why}; using the NumPy backend"

@@ -258,6 +258,17 @@ class CupyBackend:
         return buf
 
 
+def to_host(block: Any) -> np.ndarray:
+    """Copy a ``cupy.ndarray`` block to a NumPy array (``cupy.asnumpy``; NumPy passes through).
+
+    CuPy is imported where this runs, so graphs that name it can be built on a client
+    without CuPy and run on GPU workers.
+    """
+    import cupy
+
+    return cupy.asnumpy(block)
+
+
 def cast_output_gpu(values: Any, dtype: np.dtype) -> Any:
     """Round half to even and clip float32 device ``values`` into ``dtype`` (the dtype policy;
     the device twin of :func:`gpufusion.backends.numpy_ref.cast_output`)."""

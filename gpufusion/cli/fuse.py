@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from ..blend import BLEND_MODES, INTERPOLATIONS
 from ..errors import InputError
@@ -142,25 +143,31 @@ def run(args: argparse.Namespace) -> int:
     tiles = timepoints[0]
     if args.blend_width_z is not None and tiles.ndim != 3:
         raise InputError("--blend-width-z: applies to 3D tiles; these are 2D")
-    backend = resolve_backend_with_notice(args)
-    grid = []
-    for tileset in timepoints:
-        channels = tileset.mosaics()
-        if args.register:  # each time point on its own: the stage may drift between them
-            channels = register_channels(args, channels, tileset.channel_names, backend)
-        grid.append(channels)
-    # [t][c] for several time points, [c] for channels, or one mosaic
-    single = grid[0][0] if len(grid[0]) == 1 else grid[0]
-    mosaic = grid if len(grid) > 1 else single
-    kwargs = fusion_kwargs(args, backend)
-    if args.blend_width_z is not None:
-        kwargs["blend_width"] = (args.blend_width_z, args.blend_width, args.blend_width)
     gpus = parse_gpus(args.gpus) if args.gpus else None
     with connect(gpus=gpus, scheduler=args.scheduler,
                  threads_per_gpu=args.threads_per_gpu) as client:
         if client is not None:
             notice(args, f"running on {client.dashboard_link or client.scheduler.address}")
+        # on a cluster the backend is the workers' (probed there); registration runs here
+        backend = resolve_backend_with_notice(args, client)
+        if args.register:
+            reg_backend = backend if client is None else local_backend(args)
+        grid = []
+        for tileset in timepoints:
+            channels = tileset.mosaics()
+            if args.register:  # each time point on its own: the stage may drift between them
+                channels = register_channels(args, channels, tileset.channel_names,
+                                             reg_backend)
+            grid.append(channels)
+        # [t][c] for several time points, [c] for channels, or one mosaic
+        single = grid[0][0] if len(grid[0]) == 1 else grid[0]
+        mosaic = grid if len(grid) > 1 else single
+        kwargs = fusion_kwargs(args, backend)
+        if args.blend_width_z is not None:
+            kwargs["blend_width"] = (args.blend_width_z, args.blend_width, args.blend_width)
+        if client is not None:
             kwargs["progress"] = False  # the dashboard shows progress on a cluster
+            kwargs["scheduler"] = client
         result = fuse_to_file(mosaic, out, overwrite=args.overwrite, **kwargs)
     if not args.quiet:
         print(summary(result, tiles.n_tiles))
@@ -182,13 +189,37 @@ def fusion_kwargs(args: argparse.Namespace, backend: str) -> dict:
     }
 
 
-def resolve_backend_with_notice(args: argparse.Namespace) -> str:
-    from ..backends import get_backend, resolve_backend
+def resolve_backend_with_notice(args: argparse.Namespace, client: Any = None) -> str:
+    """``numpy`` or ``cupy`` for ``--backend``, with a one-line notice for ``auto``.
 
-    name, message = resolve_backend(args.backend)
+    With a ``distributed.Client`` the workers are probed (every one must have a usable GPU
+    for ``cupy``); else this machine. Raises :class:`InputError` when ``cupy`` is asked for
+    and not usable there.
+    """
+    from ..backends import get_backend, resolve_backend
+    from ..cluster import resolve_cluster_backend
+
+    if client is not None:
+        name, message = resolve_cluster_backend(client, args.backend)
+    else:
+        name, message = resolve_backend(args.backend)
     if message:
         notice(args, message)
-    get_backend(name)  # fails now, with a clear message, if the GPU is not usable
+    if client is None:
+        get_backend(name)  # fails now, with a clear message, if the GPU is not usable
+    return name
+
+
+def local_backend(args: argparse.Namespace) -> str:
+    """The backend of work done in this process next to a cluster (registration): ``numpy``
+    for ``--backend numpy``, else the GPU when usable here, with a notice when it is not."""
+    from ..backends import resolve_backend
+
+    if args.backend == "numpy":
+        return "numpy"
+    name, message = resolve_backend("auto")
+    if name != "cupy" and message:
+        notice(args, f"registration here: {message}")
     return name
 
 

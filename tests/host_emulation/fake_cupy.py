@@ -97,6 +97,7 @@ def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleTy
         Stream=Stream, Event=Event, Device=Device, runtime=runtime,
         get_elapsed_time=lambda a, b: 0.5, get_current_stream=lambda: Stream())
     cupy.RawModule = RawModule  # type: ignore[attr-defined]
+    cupy.host_emulation = True  # type: ignore[attr-defined]  # tests tell it from a real GPU
     cupyx = types.ModuleType("cupyx")
     cupyx.empty_pinned = lambda shape, dtype=np.float64: np.empty(shape, dtype)  # type: ignore
     return cupy, cupyx
@@ -107,8 +108,13 @@ def emulated_gpu(host: HostKernels, monkeypatch: Any) -> Iterator[types.ModuleTy
     """For one test: ``cupy``/``cupyx`` replaced by this stand-in (restored by
     ``monkeypatch``), NumPy functions dispatched on device arrays as CuPy's
     ``__array_function__`` does, and the kernel and backend caches cleared before and after.
+
+    The device is probed first, as the first :func:`gpufusion.backends.gpu_status` in a
+    process does (its trial kernel needs ``("uint8", "corners")`` among ``host``'s
+    downsampling instantiations); the test then starts with no kernel built
+    (``cupy.builds`` empty), so it sees only its own compilations and launches.
     """
-    from gpufusion.backends import get_backend
+    from gpufusion.backends import get_backend, gpu_status
 
     cupy, cupyx = build_fake_cupy(host)
     monkeypatch.setattr(DeviceArray, "dispatch_numpy", True)
@@ -117,6 +123,11 @@ def emulated_gpu(host: HostKernels, monkeypatch: Any) -> Iterator[types.ModuleTy
     caches = (ck.fuse_kernel, ck.downsample_kernel, get_backend)
     for c in caches:
         c.cache_clear()
+    ok, why = gpu_status()
+    if not ok:
+        raise RuntimeError(f"the emulated device is not usable: {why}")
+    ck.downsample_kernel.cache_clear()
+    cupy.builds.clear()  # type: ignore[attr-defined]
     try:
         yield cupy
     finally:

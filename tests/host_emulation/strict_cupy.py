@@ -16,8 +16,10 @@ keep CuPy's rules on the host/device boundary, which is where such code breaks:
 
 Only the functions the registration code uses exist (an ``AttributeError`` names any
 other), ``cupy.fft`` maps to ``numpy.fft`` (results cast to complex64/float32 as CuPy's
-single-precision FFTs return) and ``cuda.runtime.getDeviceCount`` reports one device. The
-counters in ``STATS`` let a test check the device path was actually taken.
+single-precision FFTs return) and ``cuda.runtime.getDeviceCount`` reports one device.
+``RawModule`` knows only ``downsample_mean2`` (run by its NumPy reference): enough for the
+trial kernel of :func:`gpufusion.backends.gpu_status`, so the stand-in counts as a usable
+GPU. The counters in ``STATS`` let a test check the device path was actually taken.
 """
 
 from __future__ import annotations
@@ -263,4 +265,29 @@ def build_strict_cupy() -> types.ModuleType:
             return None
 
     cupy.cuda = types.SimpleNamespace(runtime=runtime, Device=Device)  # type: ignore[attr-defined]
+    cupy.RawModule = ReferenceRawModule  # type: ignore[attr-defined]
     return cupy
+
+
+class ReferenceRawModule:
+    """``cupy.RawModule`` for ``kernels/downsample.cu`` only, its kernel run by the NumPy
+    reference on the device arrays' data (the launch arguments as the backend passes them)."""
+
+    def __init__(self, *, code: str, options: tuple, name_expressions: tuple) -> None:
+        self.exprs = name_expressions
+
+    def get_function(self, expr: str) -> Any:
+        from gpufusion.backends import cuda_kernels as ck
+        from gpufusion.pyramid import downsample_mean2
+
+        if expr not in self.exprs or not expr.startswith("downsample_mean2<"):
+            raise NotImplementedError(f"strict stand-in: no kernel {expr!r}")
+        algorithm = ck.DOWNSAMPLE_ALGORITHMS[int(expr.rstrip(">").rsplit(",", 1)[1])]
+
+        def launch(grid: tuple, block: tuple, args: tuple) -> None:
+            src, out, *dims = args
+            shape4, factors4 = [int(v) for v in dims[:4]], [int(v) for v in dims[4:]]
+            result = downsample_mean2(src._a.reshape(shape4), factors4, algorithm=algorithm)
+            out._a[...] = result.reshape(out.shape)
+
+        return launch
