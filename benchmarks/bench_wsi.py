@@ -15,12 +15,26 @@ untimed warm-up (one chunk: kernel compilation, memory pools), timed once:
 
 The breakdown of a fusion run is measured stage by stage after the end-to-end run, each
 stage alone over the whole slide with the same threads (stages overlap in the real run, so
-they do not add up to its time): ``read`` (every planned tile window of every chunk read
-from the TIFF files into memory), ``fuse`` (fusion only, blocks dropped; for CuPy with a
-device synchronisation, including the host-to-device copies), ``compress`` (level-0 chunks
-encoded with the store's codec: thread-seconds divided by threads). For CuPy the backend's
-own per-stage timers of the end-to-end run are added (``h2d``, ``kernel`` from CUDA events;
-see :class:`gpufusion.backends.cupy_backend.StageTimes`).
+they do not add up to its time), in the order a block flows:
+
+* ``read``: every planned tile window of every chunk read from the TIFF files into memory
+  (wall time);
+* ``h2d``, ``kernel`` (CuPy only): the backend's own per-stage timers of the end-to-end run,
+  device seconds from CUDA events (see :class:`gpufusion.backends.cupy_backend.StageTimes`;
+  all its timers are in ``extra_info`` as ``gpu_*``);
+* ``fuse``: fusion only, blocks dropped (wall time; for CuPy with a device synchronisation,
+  including the host-to-device copies and kernels);
+* ``d2h`` (CuPy only): the device-to-host copy of every block of every level the run copies
+  (level 0 and the levels downsampled on the device): each block is fused, downsampled and
+  synchronised first, then only ``cupy.asnumpy`` and a stream synchronisation are timed;
+* ``compress``: every chunk of every level encoded with the store's codec;
+* ``write``: every chunk of every level, already encoded, stored again into a fresh Zarr
+  ``LocalStore`` (one file per chunk, as the run's store writes them; no encoding).
+
+``d2h``, ``compress`` and ``write`` are timed per block on the threads and reported as
+thread-seconds divided by the threads. The breakdown is in ``extra_info["stages"]`` (keys
+``read_s``, ``gpu_h2d_s``, ``gpu_kernel_s``, ``fuse_s``, ``d2h_s``, ``compress_s``,
+``write_s``) and printed after each fusion case.
 
 Run (about 3 minutes per 100 tiles on 2 CPU cores; tiles are written once per session)::
 
@@ -166,31 +180,133 @@ def fuse_seconds(mosaic, backend: str) -> float:
     return time.perf_counter() - t0
 
 
-def compress_seconds(level0_path: Path) -> float:
-    """Encode every level-0 chunk with the store's codec: thread-seconds / threads."""
+def d2h_seconds(mosaic) -> float:
+    """Device-to-host copies of every block the CuPy run copies: thread-seconds / threads.
+
+    Level 0 and the levels :func:`gpufusion.writers.ome_zarr.write_ome_zarr` downsamples on
+    the device (inline) cross to the host once per block; here each block is computed and
+    synchronised first, then only the copy is timed.
+    """
+    import cupy
+
+    from gpufusion import fuse
+    from gpufusion.backends.cupy_backend import downsample_mean2_gpu
+    from gpufusion.pyramid import blockwise_levels, pyramid_factors
+    from gpufusion.writers.ome_zarr import INLINE_MIN_CHUNK
+
+    image = fuse(mosaic, chunks=CHUNK, backend="cupy")
+    plan = pyramid_factors(image.shape, image.chunksize, ("z", "y", "x")[-image.ndim:])
+    levels = [image, *blockwise_levels(image, plan, downsample_mean2_gpu, INLINE_MIN_CHUNK)]
+
+    def copy(block) -> np.ndarray:
+        stream = cupy.cuda.get_current_stream()
+        stream.synchronize()  # the block's kernels are done: time the copy alone
+        t0 = time.perf_counter()
+        host = cupy.asnumpy(block)  # as the pipeline copies: current stream, blocking
+        stream.synchronize()
+        seconds = time.perf_counter() - t0
+        assert host.shape == block.shape
+        return np.full((1,) * block.ndim, seconds)
+
+    meta = np.empty((0,) * image.ndim, np.float64)
+    spent = dask.compute(*[lvl.map_blocks(copy, dtype=np.float64, chunks=(1,) * lvl.ndim,
+                                          meta=meta).sum() for lvl in levels])
+    return per_thread(float(sum(spent)), sum(lvl.npartitions for lvl in levels))
+
+
+def threads() -> int:
+    return dask.config.get("num_workers", None) or os.cpu_count() or 1
+
+
+def per_thread(thread_seconds: float, tasks: int) -> float:
+    """Thread-seconds spread over the threads that could run ``tasks`` at once."""
+    return thread_seconds / max(1, min(threads(), tasks))
+
+
+def level_arrays(store: Path) -> list:
+    """The Zarr arrays of every level of the OME-Zarr image at ``store``."""
     import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    return [array for _, array in sorted(group.arrays(), key=lambda kv: int(kv[0]))]
+
+
+def compress_seconds(store: Path) -> float:
+    """Encode every chunk of every level with its codec: thread-seconds / threads."""
     from numcodecs import get_codec
 
-    array = zarr.open_array(str(level0_path), mode="r")
-    codec = get_codec(array.metadata.to_dict()["compressor"])
-    stored = da.from_zarr(array)
+    spent, tasks = 0.0, 0
+    for array in level_arrays(store):
+        codec = get_codec(array.metadata.to_dict()["compressor"])
+        stored = da.from_zarr(array)
 
-    def encode(block: np.ndarray) -> np.ndarray:
-        data = np.ascontiguousarray(block)
+        def encode(block: np.ndarray, codec=codec) -> np.ndarray:
+            data = np.ascontiguousarray(block)
+            t0 = time.perf_counter()
+            codec.encode(data)
+            return np.full((1,) * block.ndim, time.perf_counter() - t0)
+
+        spent += float(stored.map_blocks(encode, dtype=np.float64, chunks=(1,) * stored.ndim,
+                                         meta=np.empty((0,) * stored.ndim)).sum().compute())
+        tasks += stored.npartitions
+    return per_thread(spent, tasks)
+
+
+def chunk_keys(store: Path) -> list[str]:
+    """Store keys of every encoded chunk of every level (metadata documents left out)."""
+    return sorted(p.relative_to(store).as_posix() for p in store.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and p.name != "zarr.json")
+
+
+def write_seconds(store: Path, scratch: Path) -> float:
+    """Store every encoded chunk again into a fresh Zarr ``LocalStore``: thread-seconds /
+    threads. Each chunk's bytes are read (untimed, from the page cache) and then only
+    ``LocalStore.set`` is timed: the run's write of a chunk once it is compressed."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+    from zarr.storage import LocalStore
+
+    keys = chunk_keys(store)
+    target = LocalStore(str(scratch))
+    buffer = default_buffer_prototype().buffer
+
+    def put(key: str) -> float:
+        data = buffer.from_bytes((store / key).read_bytes())
         t0 = time.perf_counter()
-        codec.encode(data)
-        return np.full((1,) * block.ndim, time.perf_counter() - t0)
+        sync(target.set(key, data))
+        return time.perf_counter() - t0
 
-    spent = stored.map_blocks(encode, dtype=np.float64, chunks=(1, 1)).sum().compute()
-    threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
-    return float(spent) / min(threads, stored.npartitions)
+    try:
+        with ThreadPoolExecutor(max_workers=threads()) as pool:
+            spent = sum(pool.map(put, keys))
+        assert chunk_keys(scratch) == keys
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return per_thread(spent, len(keys))
+
+
+#: The printed breakdown, in the order a block flows: (key in ``stages``, label).
+BREAKDOWN = (("read_s", "read"), ("gpu_h2d_s", "h2d"), ("gpu_kernel_s", "kernel"),
+             ("fuse_s", "fuse"), ("d2h_s", "d2h"), ("compress_s", "compress"),
+             ("write_s", "write"))
+
+
+def format_breakdown(backend: str, seconds: float, stages: dict[str, float]) -> str:
+    """One line: the end-to-end time and each stage alone (absent stages left out)."""
+    parts = [f"{label} {stages[key]:.3f} s" for key, label in BREAKDOWN if key in stages]
+    return f"whole slide [{backend}] {seconds:.2f} s end to end; stages alone: " + \
+        ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------ the cases
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_whole_slide_fuse(benchmark, slide: Slide, backend: str, tmp_path) -> None:
+def test_whole_slide_fuse(benchmark, slide: Slide, backend: str, tmp_path,
+                          capsys) -> None:
     import zarr
 
     from gpufusion import fuse, fuse_to_file
@@ -220,9 +336,14 @@ def test_whole_slide_fuse(benchmark, slide: Slide, backend: str, tmp_path) -> No
     if backend == "cupy":
         stages = {f"gpu_{k}": round(v, 3) for k, v in impl.stage_times().items()}
         impl.profile = False
-    stages.update(read_s=round(read_seconds(mosaic), 2),
-                  fuse_s=round(fuse_seconds(mosaic, backend), 2),
-                  compress_s=round(compress_seconds(out / "0"), 2))
+    stages["read_s"] = round(read_seconds(mosaic), 3)
+    stages["fuse_s"] = round(fuse_seconds(mosaic, backend), 3)
+    if backend == "cupy":
+        stages["d2h_s"] = round(d2h_seconds(mosaic), 3)
+    stages["compress_s"] = round(compress_seconds(out), 3)
+    stages["write_s"] = round(write_seconds(out, tmp_path / "write_again"), 3)
+    with capsys.disabled():
+        print("\n" + format_breakdown(backend, seconds, stages))
     mpx = math.prod(result.shape) / 1e6
     store_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     benchmark.extra_info.update(

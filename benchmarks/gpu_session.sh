@@ -23,14 +23,24 @@
 set -uo pipefail
 stage=${1:-tests}
 OUT=${OUT:-/tmp/gpufusion-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the runs below change folder
 export PYTHONUNBUFFERED=1
+REPO=$PWD
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
-# editable, so gpufusion.kernels maps onto kernels/ as in development
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+  --target /tmp/site "$REPO"/.whl/*.whl || exit 1
+
+# gpufusion itself is not installed: building it needs setuptools >= 77 (PEP 639 license),
+# which the machine may lack, with no network to fetch it. Instead the sources are staged in
+# the wheel's layout (kernels/ as gpufusion/kernels, what the code loads the .cu files from)
+# and everything runs from there; `python3 -m gpufusion` stands in for the console script.
+SRC=/tmp/gpufusion-src
+rm -rf "$SRC" && mkdir -p "$SRC" || exit 1
+cp -r "$REPO"/pyproject.toml "$REPO"/gpufusion "$REPO"/tests "$REPO"/benchmarks "$SRC"/ || exit 1
+rm -rf "$SRC"/gpufusion/kernels && cp -r "$REPO"/kernels "$SRC"/gpufusion/kernels || exit 1
+cd "$SRC" || exit 1
+export PYTHONPATH=/tmp/site:$SRC
+python3 -c "import gpufusion.backends.cuda_kernels as ck; assert ck.kernel_names()" || exit 1
 
 {
   date -u +%Y-%m-%dT%H:%MZ
@@ -61,7 +71,7 @@ case "$stage" in
     timeout 240 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_gpu.py \
       benchmarks/bench_register.py --benchmark-json="$OUT/bench_gpu.json" 2>&1 \
       | tee "$OUT/bench_gpu.log"
-    timeout 60 gpufusion bench --tiles 8x8 --tile 2048 --profile 2>&1 | tee "$OUT/cli_bench.txt"
+    timeout 60 python3 -m gpufusion bench --tiles 8x8 --tile 2048 --profile 2>&1 | tee "$OUT/cli_bench.txt"
     ;;
   wsi)
     GPUFUSION_WSI_TILES=${GPUFUSION_WSI_TILES:-600} GPUFUSION_WSI_DIR=/tmp/wsi \

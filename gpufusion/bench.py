@@ -223,6 +223,39 @@ def format_stages(stages: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def check_plot_path(path: str | Path) -> Path:
+    """Check, before any benchmarking, that a bar chart can be written to ``path``.
+
+    Raises :class:`~gpufusion.errors.InputError` when ``path`` does not end in ``.png``, its
+    folder does not exist or is not writable, it names a folder, or matplotlib (the ``plot``
+    extra) is not installed.
+
+    Examples
+    --------
+    >>> check_plot_path("/nonexistent/b.png")
+    Traceback (most recent call last):
+    ...
+    gpufusion.errors.InputError: --plot: folder /nonexistent of /nonexistent/b.png does not exist
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--plot: expected a .png path, got {str(path)!r}")
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"--plot: folder {folder} of {path} {what}")
+    if path.is_dir():
+        raise InputError(f"--plot: {path} is a folder")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--plot: folder {folder} of {path} is not writable")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib, which is not installed "
+                         "(pip install 'gpufusion[plot]')") from exc
+    return path
+
+
 def plot_results(results: Sequence[BenchResult], path: str | Path, title: str = "") -> bool:
     """Write a bar plot of Mpx/s per backend to ``path``; False when matplotlib is missing."""
     try:

@@ -26,8 +26,10 @@ from .conftest import assert_close
 from .host_emulation import cases
 from .host_emulation.fake_cupy import emulated_gpu
 from .host_emulation.harness import HostKernels, gxx_available
+from .kernel_checks import skip_module_unless
 
-pytestmark = pytest.mark.skipif(not gxx_available(), reason="g++ is not installed")
+# skipped without g++; an error instead under GPUFUSION_REQUIRE_KERNEL_CHECKS=1 (CI)
+skip_module_unless(gxx_available(), "g++ is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +303,34 @@ def test_bench_times_both_backends_on_emulated_device(fake_gpu, capsys, monkeypa
     assert results[1].stages is not None and results[1].stages["chunks"] == n_chunks
     assert results[0].megapixels == results[1].megapixels == pytest.approx(
         np.prod(plan.shape) / 1e6)
+
+
+def test_bench_wsi_d2h_copies_what_the_run_copies(fake_gpu, monkeypatch, tmp_path) -> None:
+    """The whole-slide benchmark's ``d2h`` stage copies exactly the blocks (every level) that
+    the CuPy run to OME-Zarr copies to the host."""
+    from gpufusion import fuse_to_file
+    from gpufusion.synthetic import make_mosaic
+
+    from .test_bench_wsi import load_benchmark
+
+    wsi = load_benchmark("bench_wsi")
+    monkeypatch.setattr(wsi, "CHUNK", 128)
+    mosaic = make_mosaic((2, 2), (256, 256), dtype="uint16").mosaic()
+    copies: list[tuple[int, ...]] = []
+    to_host = fake_gpu.asnumpy
+
+    def counting(block):
+        assert isinstance(block, fake_gpu.ndarray)
+        copies.append(tuple(block.shape))
+        return to_host(block)
+
+    monkeypatch.setattr(fake_gpu, "asnumpy", counting)
+    fuse_to_file(mosaic, tmp_path / "m.ome.zarr", chunks=128, backend="cupy")
+    in_run, copies[:] = sorted(copies), []
+    seconds = wsi.d2h_seconds(mosaic)
+    assert sorted(copies) == in_run
+    assert len({shape for shape in in_run if max(shape) <= 64}) > 0  # a device-made level
+    assert seconds > 0
 
 
 # ---------------------------------------------------------------- the GPU suite, emulated

@@ -17,8 +17,11 @@ import pytest
 
 from gpufusion.backends import cuda_kernels as ck
 
-pytestmark = pytest.mark.skipif(ck.nvrtc_library_paths() is None,
-                                reason="the nvidia-cuda-nvrtc wheel is not installed")
+from .kernel_checks import skip_module_unless
+
+# skipped without the wheel; an error instead under GPUFUSION_REQUIRE_KERNEL_CHECKS=1 (CI)
+skip_module_unless(ck.nvrtc_library_paths() is not None,
+                   "the nvidia-cuda-nvrtc wheel is not installed")
 
 ARCHS = ("sm_80", "sm_90")
 #: CuPy appends -ftz=true to the caller's options; compile what will actually run.

@@ -2,7 +2,8 @@
 
 Builds a synthetic tiled acquisition in memory, fuses it with each backend (NumPy on all CPU
 cores, CuPy on the GPU when one is usable) and prints a table of seconds, Mpx/s and the
-speed-up over NumPy; ``--plot`` also writes a bar chart (needs matplotlib).
+speed-up over NumPy; ``--plot`` also writes a bar chart (needs matplotlib; the path
+and matplotlib are checked before any work, exit code 2 if unusable).
 """
 
 from __future__ import annotations
@@ -45,10 +46,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import describe, format_stages, format_table, plot_results, run_benchmark
+    from ..bench import (
+        check_plot_path,
+        describe,
+        format_stages,
+        format_table,
+        plot_results,
+        run_benchmark,
+    )
 
-    if args.plot is not None and not str(args.plot).lower().endswith(".png"):
-        raise InputError(f"--plot: expected a .png path, got {args.plot!r}")
+    if args.plot is not None:  # before any work: a bad path or no matplotlib fails at once
+        check_plot_path(args.plot)
     results, notes = run_benchmark(args.tiles, args.tile, args.dtype, args.chunk,
                                    args.backends, args.repeat, profile=args.profile)
     for line in notes:
@@ -61,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
         if r.stages:
             print(format_stages(r.stages))
     if args.plot is not None:
-        if plot_results(results, args.plot):
-            print(f"plot written to {args.plot}")
-        else:
-            notice(args, "--plot: matplotlib is not installed; no plot written")
+        if not plot_results(results, args.plot):  # checked above; only if it vanished since
+            raise InputError("--plot needs matplotlib, which is not installed")
+        print(f"plot written to {args.plot}")
     return 0
