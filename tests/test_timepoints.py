@@ -223,3 +223,18 @@ def test_fuse_all_timepoints_writes_a_t_axis(tmp_path, scene, capsys):
     t0, t1 = level0[0].astype(np.int64), level0[1].astype(np.int64)
     assert np.abs(t1 - t0 // 2).max() <= 1
     assert t0.max() > 100
+
+
+def test_fuse_all_timepoints_register_writes_one_report_each(tmp_path, capsys):
+    """``--register`` registers every time point on its own; each gets its own report."""
+    from gpufusion.cli import main
+
+    write_ome_timelapse(tmp_path)  # the stage drifts between the two time points
+    code = main(["fuse", str(tmp_path), "-o", str(tmp_path / "tc.ome.zarr"), "--timepoint",
+                 "all", "-q", "--backend", "numpy", "--register", "--max-shift", "40",
+                 "--report", str(tmp_path / "r.html")])
+    assert code == 0, capsys.readouterr().err
+    for k in (0, 1):
+        assert "<svg" in (tmp_path / f"r.t{k}.html").read_text()
+        assert (tmp_path / f"r.t{k}.edges.csv").is_file()
+    assert not (tmp_path / "r.html").exists()

@@ -153,11 +153,12 @@ def run(args: argparse.Namespace) -> int:
         if args.register:
             reg_backend = backend if client is None else local_backend(args)
         grid = []
-        for tileset in timepoints:
+        for k, tileset in enumerate(timepoints):
             channels = tileset.mosaics()
             if args.register:  # each time point on its own: the stage may drift between them
                 channels = register_channels(args, channels, tileset.channel_names,
-                                             reg_backend)
+                                             reg_backend,
+                                             timepoint=k if len(timepoints) > 1 else None)
             grid.append(channels)
         # [t][c] for several time points, [c] for channels, or one mosaic
         single = grid[0][0] if len(grid[0]) == 1 else grid[0]

@@ -195,12 +195,21 @@ def _per_axis(values: tuple[float, ...], mosaic: Mosaic) -> tuple[float, ...]:
 
 
 def register_channels(args: argparse.Namespace, channels: list[Mosaic],
-                      channel_names: list[str], backend: str) -> list[Mosaic]:
-    """``fuse --register``: register on ``--reg-channel``, move every channel alike."""
+                      channel_names: list[str], backend: str,
+                      timepoint: int | None = None) -> list[Mosaic]:
+    """``fuse --register``: register on ``--reg-channel``, move every channel alike.
+
+    With several time points each is registered on its own; ``timepoint`` (its index)
+    then names its report ``REPORT-stem.tK.suffix``.
+    """
     from ..readers.tileset import channel_index
 
     index = channel_index(channel_names, registration_channel(args),
                           Path(args.input))
+    if timepoint is not None and args.report:
+        report = Path(args.report)
+        args = argparse.Namespace(**{**vars(args), "report": str(
+            report.with_name(f"{report.stem}.t{timepoint}{report.suffix}"))})
     corrected = register_for_fuse(args, channels[index], backend)
     return [m.with_affines([t.affine for t in corrected.tiles]) for m in channels]
 
