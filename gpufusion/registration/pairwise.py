@@ -10,6 +10,11 @@ and ``b`` that of tile ``j``, the shift ``s`` with ``b(u) ~ a(u + s)`` gives the
 and the pair's *shift* (its correction) is that offset minus the nominal one. The expected
 ``s`` is ~0, so the overlap sits in the middle of both windows.
 
+Where white noise dominates a window's pixel-to-pixel differences (smooth content imaged
+with noise; :func:`_noise_share`), both windows are smoothed alike by a Gaussian of up to
+``SMOOTH_SIGMA`` px before the steps below (see the constants' comment); sharp or clean
+content is used as read.
+
 Per batch of same-shape windows (one ``(B, *L)`` array; on CuPy every step is a few batched
 calls, on NumPy the same code runs through ``scipy.fft``):
 
@@ -40,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
+import scipy.ndimage
 
 from ..backends import BACKENDS, gpu_status
 from ..errors import InputError
@@ -71,6 +77,18 @@ MIN_WINDOW = 8
 SEARCH_BEYOND = 2.0
 #: Steps of NCC hill climbing at most.
 CLIMB_STEPS = 64
+#: Noisy pairs: both windows are smoothed by a Gaussian of up to this sigma (px) before NCC
+#: scoring, hill climbing and sub-pixel refinement, ramped in as the noise share of the
+#: pixel-to-pixel differences (:func:`_noise_share`, the larger of the two windows') goes
+#: from NOISE_SHARE[0] to NOISE_SHARE[1]. Pixel noise is independent from one shift to the
+#: next, so where it dominates the differences it makes the NCC surface jagged (the climb
+#: stops on a noise bump, the quadratic fits noise) and the Lucas-Kanade gradients noisy;
+#: smoothing both windows alike keeps their offset. Tiles with sharp detail (noise share
+#: well below 0.5) are left as they are: there, low-pass weighting lets shading differences
+#: between the tiles pull the offset. (Phase correlation is whitened: smoothing cancels.)
+SMOOTH_SIGMA = 2.0
+NOISE_SHARE = (0.7, 0.9)
+NOISE_SAMPLES = 2**14
 ALGORITHMS = ("auto", *ALGORITHM_NAMES)
 
 
@@ -347,6 +365,40 @@ def _read_window(mosaic: Mosaic, tile: int, start: np.ndarray, shape: np.ndarray
     return out
 
 
+def _noise_share(x: np.ndarray) -> float:
+    """Share of white noise in the pixel-to-pixel differences of ``x``, about 0 (smooth or
+    sharp content, no noise) to 1 (noise only).
+
+    The noise variance comes from the median absolute second difference (robust to sparse
+    sharp detail; ``var = 6 sigma**2`` for white noise), the total from the mean squared
+    first difference (``2 sigma**2`` + the content's), summed over the axes; each axis from
+    lines spread over ``x``, about NOISE_SAMPLES values.
+    """
+    noise = total = 0.0
+    for ax in range(x.ndim if x.size else 0):
+        if x.shape[ax] < 3:
+            continue
+        step = max(1, int((x.size / NOISE_SAMPLES) ** (1 / max(x.ndim - 1, 1))))
+        lines = x[tuple(slice(None) if t == ax else slice(None, None, step)
+                        for t in range(x.ndim))]
+        d1 = np.diff(lines, axis=ax)
+        d2 = np.diff(d1, axis=ax)
+        noise += 2.0 * (1.4826 * float(np.median(np.abs(d2)))) ** 2 / 6.0
+        total += float(np.mean(np.square(d1, dtype=np.float64)))
+    return noise / total if total > 0 else 0.0
+
+
+def _smooth(pixels: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-smoothed ``pixels`` (truncated at 3 sigma). Beyond their edges the pixels are
+    continued by point reflection (``2 x[0] - x[k]``), exact for a linear ramp, so the edges
+    of a tile inside the overlap bias no shared pixel to first order."""
+    r = int(3.0 * sigma + 0.5)
+    pad = [(min(r, n - 1), min(r, n - 1)) for n in pixels.shape]
+    x = np.pad(pixels, pad, mode="reflect", reflect_type="odd")
+    x = scipy.ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=3.0)
+    return x[tuple(slice(u, u + n) for (u, _), n in zip(pad, pixels.shape, strict=True))]
+
+
 # ----------------------------------------------------------------------------------------
 # Batched steps (xp = numpy or cupy)
 
@@ -543,6 +595,15 @@ def _load_batch(ops: _Ops, mosaic: Mosaic, pairs: np.ndarray, win: _Windows, idx
                                win.a_hi[p]) for p in idx])
     b = np.stack([_read_window(mosaic, pairs[p, 1], win.start_j[p], win.shape[p], win.b_lo[p],
                                win.b_hi[p]) for p in idx])
+    for k, p in enumerate(idx):
+        a_box = tuple(slice(int(u), int(v)) for u, v in zip(win.a_lo[p], win.a_hi[p], strict=True))
+        b_box = tuple(slice(int(u), int(v)) for u, v in zip(win.b_lo[p], win.b_hi[p], strict=True))
+        share = max(_noise_share(a[k][a_box]), _noise_share(b[k][b_box]))
+        lo, hi = NOISE_SHARE
+        sigma = SMOOTH_SIGMA * float(np.clip((share - lo) / (hi - lo), 0.0, 1.0))
+        if sigma > 0:
+            a[k][a_box] = _smooth(a[k][a_box], sigma)
+            b[k][b_box] = _smooth(b[k][b_box], sigma)
     boxes = (win.a_lo[idx], win.a_hi[idx], win.b_lo[idx], win.b_hi[idx])
     return Batch(ops.xp, a, b, boxes, win.s_lo[idx], win.s_hi[idx], algorithm)
 
