@@ -603,7 +603,7 @@ def test_tma_registration_matches_ashlar(tma) -> None:
     result = register_mosaic(mosaic, backend="numpy")
     err = result.positions - ashlar
     err -= err.mean(axis=0)
-    assert np.abs(err).max() <= 3.0
+    assert np.linalg.norm(err, axis=1).max() <= 3.0  # Euclidean, every tile (0.74 px here)
     assert result.mean_ncc_before == pytest.approx(0.054, abs=0.001)
     assert result.mean_ncc_after >= mean_overlap_ncc(mosaic, positions=ashlar)
 
