@@ -197,7 +197,8 @@ def candidate_pairs(
     overlap, or come within ``max_shift`` of overlapping, by more than ``min_overlap``
     pixels along every axis (``nominal overlap + max_shift > min_overlap``), and the
     overlap -- each extent taken as at least ``min_overlap``, and where the tiles only
-    touch or leave a gap along their narrowest axis, as ``max_shift`` there -- holds at
+    touch or leave a gap along one axis (and overlap along the others), as ``max_shift``
+    there -- holds at
     least ``min_overlap_fraction`` of the smaller tile's pixels. The fraction keeps the
     side neighbours of a grid (10 % overlap: 10 % of the tile) and drops the diagonal ones
     (1 %), whose small corner overlaps give unreliable shifts.
@@ -239,11 +240,12 @@ def candidate_pairs(
         return pairs
     i, j = pairs[:, 0], pairs[:, 1]
     ext = np.minimum(hi[i], hi[j]) - np.maximum(lo[i], lo[j]) + 1.0
-    # tiles that only touch (or leave a gap) along one axis may overlap by max_shift there;
-    # only the narrowest axis is widened, so a grid's diagonal neighbours stay out
+    # tiles that only touch (or leave a gap) along one axis, and overlap along the others,
+    # may overlap by max_shift there; a grid's diagonal neighbours (gaps along two axes)
+    # are not widened, so they stay out
     rows = np.arange(len(pairs))
     narrow = np.argmin(ext, axis=1)
-    gap = ext[rows, narrow] < min_overlap
+    gap = np.sum(ext < min_overlap, axis=1) == 1  # touching along one axis only
     ext[rows[gap], narrow[gap]] = 2 * grow[narrow[gap]]
     ext = np.minimum(np.maximum(ext, min_overlap), np.minimum(shapes[i], shapes[j]))
     volume = np.prod(ext, axis=1)
@@ -646,6 +648,9 @@ def check_max_shift(max_shift: float | Sequence[float] | None, mosaic: Mosaic) -
     >>> m = mosaic_from_positions([np.zeros((8, 8))], [(0, 0)])
     >>> check_max_shift(3, m).tolist()
     [3.0, 3.0]
+    >>> thin = mosaic_from_positions([np.zeros((4, 64, 64))], [(0, 0, 0)])
+    >>> check_max_shift(20, thin).tolist()   # one number: capped along z
+    [3.0, 20.0, 20.0]
     """
     if max_shift is None:
         return default_max_shift(mosaic)
@@ -661,6 +666,9 @@ def check_max_shift(max_shift: float | Sequence[float] | None, mosaic: Mosaic) -
             f"{max_shift!r}"
         )
     largest = mosaic.tile_shapes.max(axis=0) if len(mosaic) else np.full(mosaic.ndim, np.inf)
+    if np.size(max_shift) == 1 and mosaic.ndim == 3:
+        # one number for every axis: capped along z, where stacks are often thin
+        ms[0] = min(ms[0], max(largest[0] - 1, 0))
     too_big = np.flatnonzero(ms >= largest)
     if len(too_big):
         ax = int(too_big[0])
