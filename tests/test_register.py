@@ -334,6 +334,14 @@ def test_abutting_tiles_are_paired_within_max_shift() -> None:
     assert candidate_pairs(grid, max_shift=20).tolist() == [[0, 1], [0, 2], [1, 3], [2, 3]]
 
 
+def test_touching_grid_with_large_max_shift_keeps_diagonals_out() -> None:
+    for size, step, ms in ((128, 128, 50), (64, 58, 30)):  # touching; 10 % overlap
+        grid = mosaic_from_positions([np.zeros((size, size))] * 4,
+                                     [(0, 0), (0, step), (step, 0), (step, step)])
+        assert candidate_pairs(grid, max_shift=ms).tolist() == [[0, 1], [0, 2], [1, 3],
+                                                                [2, 3]]
+
+
 def test_max_shift_as_large_as_a_tile_is_input_error() -> None:
     with pytest.raises(InputError, match="not below the tile size"):
         register_mosaic(_texture_pair(0), max_shift=1e9, backend="numpy")
@@ -487,21 +495,33 @@ def test_cli_register_bad_input(tile_csv, tmp_path: Path) -> None:
         cli_run([src, "-o", tmp_path / "missing" / "o.csv"])
     with pytest.raises(InputError, match="max-shift"):
         cli_run([src, "-o", tmp_path / "o.csv", "--max-shift", "1,2,3"])
+    with pytest.raises(InputError, match="must end in .csv or .txt"):
+        cli_run([src, "-o", tmp_path / "o.png"])
 
 
 def test_cli_register_never_replaces_inputs_or_existing_outputs(tile_csv, tmp_path: Path,
                                                                 capsys) -> None:
+    import imageio.v3 as iio
+
     from gpufusion.cli import main
 
-    src, _ = tile_csv
-    tile = tmp_path / "t0.tif"
+    src, syn = tile_csv
+    # the same tiles as PNG files, which a --report name could hit
+    lines = src.read_text().replace(".tif", ".png")
+    for k, t in enumerate(syn.tiles):
+        iio.imwrite(tmp_path / f"t{k}.png", t)
+    (tmp_path / "png.csv").write_text(lines)
+    tile = tmp_path / "t1.png"
     before = tile.read_bytes()
-    for argv in (["-o", tile], ["-o", tmp_path / "o.csv", "--report", tmp_path / "t1.tif"]):
-        # a tile file is never an output, even with --overwrite (and .tif is no report)
-        code = main(["register", str(src), *map(str, argv), "--overwrite", "-q"])
+    for argv in (["-o", tmp_path / "png.csv"], ["-o", tmp_path / "o.csv", "--report", tile]):
+        # an input is never an output, even with --overwrite
+        code = main(["register", str(tmp_path / "png.csv"), *map(str, argv), "--overwrite",
+                     "-q"])
         assert code == 2
-    assert tile.read_bytes() == before
-    assert "one of the input files" in capsys.readouterr().err
+        assert "one of the input files" in capsys.readouterr().err
+    assert tile.read_bytes() == before and not (tmp_path / "o.csv").exists()
+    assert main(["register", str(src), "-o", str(tmp_path / "t0.tif"), "-q"]) == 2
+    assert "must end in .csv or .txt" in capsys.readouterr().err
     out = tmp_path / "o.csv"
     out.write_text("keep me")
     code = main(["register", str(src), "-o", str(out), "--max-shift", "10", "-q"])
@@ -520,17 +540,22 @@ def test_cli_register_failed_write_leaves_no_outputs(tile_csv, tmp_path: Path, c
 
     src, _ = tile_csv
     out = tmp_path / "o.csv"
+    for named in (True, False):  # a real write() raises ENOSPC without a file name
 
-    def full_disk(path, result):
-        raise OSError(28, "No space left on device", str(path))
+        def full_disk(path, result, named=named):
+            Path(path).write_bytes(b"half a picture")
+            raise OSError(28, "No space left on device", *([str(path)] if named else []))
 
-    monkeypatch.setattr(report, "write_report", full_disk)
-    code = main(["register", str(src), "-o", str(out), "--max-shift", "10", "-q",
-                 "--report", str(tmp_path / "r.png")])
-    err = capsys.readouterr().err
-    assert code == 2 and "No space left on device" in err and err.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pos.csv", "t0.tif", "t1.tif",
-                                                           "t2.tif", "t3.tif"]
+        monkeypatch.setattr(report, "write_report", full_disk)
+        for debug in ([], ["--debug"]):
+            code = main(["register", str(src), "-o", str(out), "--max-shift", "10", "-q",
+                         "--report", str(tmp_path / "r.png"), *debug])
+            err = capsys.readouterr().err
+            assert code == 2 and "No space left on device" in err
+            assert f"{tmp_path / 'r.png'}: cannot write" in err  # the output, not a temp
+            assert err.count("\n") == 1 or debug
+            assert sorted(p.name for p in tmp_path.iterdir()) == [
+                "pos.csv", "t0.tif", "t1.tif", "t2.tif", "t3.tif"]
 
 
 def test_cli_register_refuses_an_edges_path_that_is_a_folder(tile_csv, tmp_path) -> None:
@@ -691,6 +716,33 @@ def test_leica_wrong_stage_metadata_is_recovered_by_registration() -> None:
     result = register_mosaic(c01, backend="numpy", max_shift=80)
     offset = result.positions[1] - result.positions[0]
     assert np.abs(offset - [936.75, 3.23]).max() <= 1.0, offset
+
+
+def test_cli_register_refuses_channel_names_a_csv_cannot_tell_apart(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    import dataclasses
+
+    from gpufusion.cli import inputs
+    from gpufusion.readers import open_tile
+    from gpufusion.readers.tileset import tileset_from_positions
+
+    rng = np.random.default_rng(0)
+    files = []
+    for k in range(4):
+        files.append(tmp_path / f"t{k}.tif")
+        tifffile.imwrite(files[-1], rng.integers(0, 255, (32, 32), dtype=np.uint8))
+
+    two = tileset_from_positions([open_tile(f) for f in files],
+                                 np.array([[0, 0], [0, 28], [0, 0], [0, 28]], float),
+                                 [str(f) for f in files], tmp_path,
+                                 channels=["A", "A", "B", "B"])
+    assert two.n_channels == 2
+    for names in (["GFP", "GFP"], ["GFP", " "]):  # e.g. from a BigStitcher XML
+        ts = dataclasses.replace(two, channel_names=names)
+        monkeypatch.setattr(inputs, "tileset_from_args", lambda args, ts=ts: ts)
+        with pytest.raises(InputError, match="not distinct and non-empty"):
+            cli_run([tmp_path / "t0.tif", "-o", tmp_path / "o.csv"])
+        assert not (tmp_path / "o.csv").exists()
 
 
 def test_cli_register_multichannel_csv_fuses_every_channel(tmp_path: Path, capsys) -> None:

@@ -238,3 +238,29 @@ def test_fuse_all_timepoints_register_writes_one_report_each(tmp_path, capsys):
         assert "<svg" in (tmp_path / f"r.t{k}.html").read_text()
         assert (tmp_path / f"r.t{k}.edges.csv").is_file()
     assert not (tmp_path / "r.html").exists()
+
+
+def test_fuse_register_reports_are_checked_first_and_written_last(tmp_path, capsys,
+                                                                  monkeypatch):
+    import gpufusion.pipeline
+    from gpufusion.cli import main
+
+    write_ome_timelapse(tmp_path)
+    argv = ["fuse", str(tmp_path), "--timepoint", "all", "-q", "--backend", "numpy",
+            "--register", "--max-shift", "40", "--report", str(tmp_path / "r.html")]
+    (tmp_path / "r.t1.html").write_text("an earlier report")
+    code = main([*argv, "-o", str(tmp_path / "a.ome.zarr")])
+    assert code == 2 and "r.t1.html: already exists" in capsys.readouterr().err
+    assert not (tmp_path / "r.t0.html").exists() and not (tmp_path / "a.ome.zarr").exists()
+    (tmp_path / "r.t1.html").unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpufusion.pipeline, "fuse_to_file", interrupted)
+    assert main([*argv, "-o", str(tmp_path / "a.ome.zarr")]) == 130
+    assert not list(tmp_path.glob("r.*"))  # no report of a fusion that did not finish
+    # --report without --register is refused
+    assert main(["fuse", str(tmp_path), "-o", str(tmp_path / "b.ome.zarr"),
+                 "--report", str(tmp_path / "r.html")]) == 2
+    assert "add --register" in capsys.readouterr().err

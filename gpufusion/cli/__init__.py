@@ -59,9 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gpufusion: interrupted; nothing was written at the output path", file=sys.stderr)
         return 130
     except OSError as exc:
-        if exc.filename is None or args.debug:
+        if exc.filename is None:
             return _internal_error(args, exc)
-        # the file system refused a named file (permissions, a full disk, a missing folder)
+        # the file system refused a named file (permissions, a missing folder)
+        if args.debug:
+            traceback.print_exception(exc)
         print(f"gpufusion: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -11,7 +11,12 @@ from ..errors import InputError
 from ..pipeline import FuseResult
 from . import common_options, notice, show_progress
 from .inputs import INPUT_HELP, add_input_options
-from .register import add_registration_options, register_channels
+from .register import (
+    add_registration_options,
+    fuse_report_outputs,
+    register_channels,
+    write_fuse_reports,
+)
 
 
 def positive_int(text: str) -> int:
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cluster import connect, parse_gpus
     from ..pipeline import check_output_path, fuse_to_file
     from .inputs import tilesets_from_args
+    from .outputs import check_outputs
 
     out = check_output_path(args.output, args.overwrite)
     if args.pixel_size is not None and not args.pixel_size > 0:
@@ -143,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
     tiles = timepoints[0]
     if args.blend_width_z is not None and tiles.ndim != 3:
         raise InputError("--blend-width-z: applies to 3D tiles; these are 2D")
+    if args.report and not args.register:
+        raise InputError("--report: draws the registration; add --register")
+    reports = fuse_report_outputs(args, len(timepoints)) if args.register else []
+    check_outputs(reports, [p for ts in timepoints for ch in ts.sources for s in ch
+                            if (p := getattr(s, "path", None)) is not None], args.overwrite)
     gpus = parse_gpus(args.gpus) if args.gpus else None
     with connect(gpus=gpus, scheduler=args.scheduler,
                  threads_per_gpu=args.threads_per_gpu) as client:
@@ -153,12 +164,12 @@ def run(args: argparse.Namespace) -> int:
         if args.register:
             reg_backend = backend if client is None else local_backend(args)
         grid = []
-        for k, tileset in enumerate(timepoints):
+        registered: list = []
+        for tileset in timepoints:
             channels = tileset.mosaics()
             if args.register:  # each time point on its own: the stage may drift between them
                 channels = register_channels(args, channels, tileset.channel_names,
-                                             reg_backend,
-                                             timepoint=k if len(timepoints) > 1 else None)
+                                             reg_backend, registered)
             grid.append(channels)
         # [t][c] for several time points, [c] for channels, or one mosaic
         single = grid[0][0] if len(grid[0]) == 1 else grid[0]
@@ -170,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             kwargs["progress"] = False  # the dashboard shows progress on a cluster
             kwargs["scheduler"] = client
         result = fuse_to_file(mosaic, out, overwrite=args.overwrite, **kwargs)
+    write_fuse_reports(args, reports, registered)  # only once the image is complete
     if not args.quiet:
         print(summary(result, tiles.n_tiles))
     return 0

@@ -4,7 +4,8 @@
 ``overwrite``), is a folder, is named twice, or is one of the input files; :func:`staged`
 lets the caller write every file under a hidden temporary name in the same folder and
 renames them into place only when all were written, so a failure leaves no output that
-looks complete (an existing file is replaced only then).
+looks complete (an existing file is replaced only then); a file-system error becomes a
+one-line :class:`InputError` naming the output.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def staged(outputs: Iterable[Path]) -> Iterator[dict[Path, Path]]:
     >>> try:
     ...     with staged([d / "c.txt"]) as tmp:
     ...         _ = tmp[d / "c.txt"].write_text("half")
-    ...         raise OSError("disk full")
-    ... except OSError:
-    ...     pass
+    ...         raise OSError(28, "No space left on device")
+    ... except InputError as exc:
+    ...     print(str(exc).replace(str(d), "D"))
+    D/c.txt: cannot write (No space left on device); nothing was written
     >>> sorted(p.name for p in d.iterdir())
     ['a.txt', 'b.txt']
     """
@@ -83,6 +85,11 @@ def staged(outputs: Iterable[Path]) -> Iterator[dict[Path, Path]]:
         yield temporary
         for out, tmp in temporary.items():
             os.replace(tmp, out)
+    except OSError as exc:  # a full disk, a folder gone read-only: name the output
+        names = {str(t): o for o, t in temporary.items()}
+        at = names.get(str(exc.filename), exc.filename) or ", ".join(map(str, temporary))
+        raise InputError(f"{at}: cannot write ({exc.strerror or exc}); nothing was "
+                         "written") from exc
     finally:
         for tmp in temporary.values():
             tmp.unlink(missing_ok=True)

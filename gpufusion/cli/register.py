@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     source = Path(args.input)
+    if out.suffix.lower() not in (".csv", ".txt"):
+        raise InputError(f"-o {out}: the positions CSV must end in .csv or .txt")
     _check_report_path(args.report)
     outputs = [out, edges_path_for(out)] + ([Path(args.report)] if args.report else [])
     check_outputs(outputs, [source] if source.is_file() else [], args.overwrite)
@@ -136,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
     if any(f is None for f in flat) or len(set(flat)) != len(flat):
         raise InputError(f"{source}: its tiles are not one file each, so no positions CSV can "
                          "list them; use 'gpufusion fuse INPUT --register' instead")
+    names = [str(c).strip() for c in tiles.channel_names]
+    if tiles.n_channels > 1 and (len(set(names)) != len(names) or not all(names)):
+        raise InputError(f"{source}: channel names {tiles.channel_names} are not distinct and "
+                         "non-empty, so a CSV channel column cannot tell them apart; use "
+                         "'gpufusion fuse INPUT --register' instead")
     if not all(np.allclose(a[:-1, :-1], np.eye(tiles.ndim)) for a in tiles.affines):
         raise InputError(f"{source}: registration corrects translations; this input has "
                          "rotated or scaled tiles")
@@ -194,47 +201,67 @@ def _per_axis(values: tuple[float, ...], mosaic: Mosaic) -> tuple[float, ...]:
     return values
 
 
+def fuse_report_outputs(args: argparse.Namespace, n_timepoints: int) -> list[Path]:
+    """``fuse --register --report FILE``: every report and edge table the run will write.
+
+    One report (``FILE``, and ``FILE-stem.edges.csv`` beside it) per time point; with
+    several, time point ``k``'s are ``FILE-stem.tK.suffix`` and ``FILE-stem.tK.edges.csv``.
+    Checked before any work and written only once the fused image is complete
+    (:func:`write_fuse_reports`).
+    """
+    from ..registration import edges_path_for
+
+    if not args.report:
+        return []
+    _check_report_path(args.report)
+    report = Path(args.report)
+    reports = [report] if n_timepoints == 1 else [
+        report.with_name(f"{report.stem}.t{k}{report.suffix}") for k in range(n_timepoints)]
+    return [p for r in reports for p in (r, edges_path_for(r))]
+
+
+def write_fuse_reports(args: argparse.Namespace, outputs: list[Path],
+                       results: list[RegistrationResult]) -> None:
+    """Write the reports of :func:`fuse_report_outputs` (pairs of report, edge table, one
+    per time point, in order) together and atomically."""
+    from .outputs import staged
+
+    if not outputs:
+        return
+    with staged(outputs) as tmp:
+        for k, result in enumerate(results):
+            result.write_report(tmp[outputs[2 * k]])
+            result.write_edges_csv(tmp[outputs[2 * k + 1]])
+    notice(args, "wrote " + " and ".join(str(p) for p in outputs))
+
+
 def register_channels(args: argparse.Namespace, channels: list[Mosaic],
                       channel_names: list[str], backend: str,
-                      timepoint: int | None = None) -> list[Mosaic]:
+                      results: list[RegistrationResult] | None = None) -> list[Mosaic]:
     """``fuse --register``: register on ``--reg-channel``, move every channel alike.
 
-    With several time points each is registered on its own; ``timepoint`` (its index)
-    then names its report ``REPORT-stem.tK.suffix``.
+    The registration result is appended to ``results`` when given (for the reports).
     """
     from ..readers.tileset import channel_index
 
     index = channel_index(channel_names, registration_channel(args),
                           Path(args.input))
-    if timepoint is not None and args.report:
-        report = Path(args.report)
-        args = argparse.Namespace(**{**vars(args), "report": str(
-            report.with_name(f"{report.stem}.t{timepoint}{report.suffix}"))})
-    corrected = register_for_fuse(args, channels[index], backend)
+    corrected = register_for_fuse(args, channels[index], backend, results)
     return [m.with_affines([t.affine for t in corrected.tiles]) for m in channels]
 
 
-def register_for_fuse(args: argparse.Namespace, mosaic: Mosaic, backend: str) -> Mosaic:
+def register_for_fuse(args: argparse.Namespace, mosaic: Mosaic, backend: str,
+                      results: list[RegistrationResult] | None = None) -> Mosaic:
     """Register ``mosaic`` for ``fuse --register`` and return the corrected mosaic.
 
-    ``args`` carries the options of :func:`add_registration_options` (and ``quiet``, and
-    ``overwrite`` when the command has it); ``backend`` is the fusion's resolved backend
-    (``numpy`` or ``cupy``). The summary goes to stderr as notices; ``--report FILE`` is
-    written with the edge table beside it (``FILE-stem.edges.csv``), both atomically.
+    ``args`` carries the options of :func:`add_registration_options` (and ``quiet``);
+    ``backend`` is the backend to register on (``numpy`` or ``cupy``). The summary goes to
+    stderr as notices; the result is appended to ``results`` when given (reports are
+    written by :func:`write_fuse_reports` once the fusion is complete).
     """
-    from ..registration import edges_path_for
-    from .outputs import check_outputs, staged
-
-    _check_report_path(args.report)
-    outputs = [Path(args.report), edges_path_for(args.report)] if args.report else []
-    inputs = [p for t in mosaic.tiles if (p := getattr(t.source, "path", None)) is not None]
-    check_outputs(outputs, inputs, getattr(args, "overwrite", False))
     result = _register(args, mosaic, backend)
     for line in result.summary().splitlines():
         notice(args, line)
-    if outputs:
-        with staged(outputs) as tmp:
-            result.write_report(tmp[outputs[0]])
-            result.write_edges_csv(tmp[outputs[1]])
-        notice(args, f"wrote {outputs[0]} and {outputs[1]}")
+    if results is not None:
+        results.append(result)
     return result.mosaic
