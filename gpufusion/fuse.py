@@ -110,9 +110,9 @@ def fuse(
     on_workers : bool
         The graph runs on Dask workers whose backend was checked there
         (:func:`gpufusion.cluster.resolve_cluster_backend`), so ``backend`` (``numpy`` or
-        ``cupy``) need not be usable in this process: a client without a GPU (or without
-        CuPy) builds the graph with NumPy ``meta``, and the tasks return the backend's
-        arrays (``cupy.ndarray`` blocks) on the workers.
+        ``cupy``) need not be usable in this process: the graph is built with NumPy
+        ``meta`` (no CUDA context in the client), and the tasks return the backend's arrays
+        (``cupy.ndarray`` blocks) on the workers.
 
     Returns
     -------
@@ -145,8 +145,8 @@ def _backend_and_meta(backend: str, on_workers: bool, ndim: int,
     """The backend name the tasks use, and the graph's ``meta``.
 
     Here (``on_workers`` False) the backend must be usable in this process. For tasks on
-    checked workers it need not be: the meta is then NumPy's when the backend cannot
-    allocate here (a client without a GPU), while the blocks are the backend's arrays.
+    checked workers it need not be: the meta is NumPy's, while the blocks are the
+    backend's arrays.
     """
     if not on_workers:
         name, _ = backends.resolve_backend(backend)
@@ -154,11 +154,9 @@ def _backend_and_meta(backend: str, on_workers: bool, ndim: int,
     if backend not in ("numpy", "cupy"):
         raise InputError(f"backend: {backend!r} with on_workers=True; resolve it on the "
                          "workers first (numpy or cupy)")
-    try:
-        impl = backends.get_backend(backend)
-    except InputError:  # not usable here; the workers were checked
-        impl = backends.NumpyBackend()
-    return backend, impl.empty_meta(ndim, dtype)
+    # NumPy meta always: probing CuPy here would open a CUDA context (and compile the
+    # trial kernel) in the client, on a GPU the workers use, for a 0-size array
+    return backend, backends.NumpyBackend().empty_meta(ndim, dtype)
 
 
 def chunk_task_array(plan: FusionPlan, mosaic: Mosaic) -> da.Array:

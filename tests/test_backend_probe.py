@@ -81,6 +81,7 @@ def stand_in_cupy(*, count: int = 1, count_error: Exception | None = None,
     cupy.cuda.driver = types.SimpleNamespace(CUDADriverError=CUDADriverError)
     cupy.cuda.compiler = types.SimpleNamespace(CompileException=CompileException)
     cupy.raw_modules = 0
+    cupy.launch_error = launch_error  # may be changed later (a transient failure)
     reference = cupy.RawModule
 
     class RawModule:
@@ -94,8 +95,8 @@ def stand_in_cupy(*, count: int = 1, count_error: Exception | None = None,
             kernel = self.module.get_function(expr)
 
             def launch(grid, block, args) -> None:
-                if launch_error is not None:
-                    raise launch_error
+                if cupy.launch_error is not None:
+                    raise cupy.launch_error
                 kernel(grid, block, args)
                 if result is not None:
                     args[1][...] = result
@@ -207,6 +208,17 @@ def test_trial_kernel_runs_once_per_process(use_cupy) -> None:
     assert cupy.raw_modules == 1
     ck.downsample_kernel.cache_clear()  # the trial result itself is kept
     assert gpu_status()[0] and cupy.raw_modules == 1
+
+
+def test_a_failed_trial_is_tried_again(use_cupy) -> None:
+    """A transient failure (out of memory, a busy device) does not mark a long-lived
+    process, e.g. a Dask worker, GPU-less for good; success is kept."""
+    cupy = use_cupy(launch_error=CUDARuntimeError("cudaErrorMemoryAllocation: out of memory"))
+    assert gpu_status()[0] is False
+    cupy.launch_error = None
+    assert gpu_status() == (True, "1 CUDA device(s)")
+    cupy.launch_error = CUDARuntimeError("cudaErrorMemoryAllocation: out of memory")
+    assert gpu_status() == (True, "1 CUDA device(s)")  # not launched again
 
 
 # ---------------------------------------------------------------------- the command line

@@ -241,3 +241,20 @@ def test_registration_next_to_a_cluster_runs_here(monkeypatch, capsys) -> None:
     assert capsys.readouterr().err == ("gpufusion: registration here: no usable GPU: CuPy is "
                                        "not installed (pip install 'gpufusion[gpu]'); using "
                                        "the NumPy backend\n")
+
+
+def test_graph_for_workers_opens_no_cuda_context_on_a_gpu_client(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even where the client has a GPU, ``on_workers`` builds the graph without touching
+    CuPy: a probe there would open a CUDA context on a GPU a worker uses."""
+    calls = []
+
+    def spy(name: str):
+        calls.append(name)
+        raise AssertionError("the client probed a backend")
+
+    monkeypatch.setattr(backends, "get_backend", spy)
+    monkeypatch.setattr(backends, "gpu_status", lambda: spy("gpu_status"))
+    mosaic = make_mosaic((2, 2), (40, 40)).mosaic()
+    image = fuse(mosaic, chunks=32, backend="cupy", on_workers=True)
+    assert type(image._meta) is np.ndarray and calls == []

@@ -6,8 +6,9 @@ asked for, so ``import gpufusion`` works on machines without CuPy or without a G
 "A GPU is usable" (:func:`gpu_status`) means more than a device being present: CuPy imports,
 the CUDA runtime reports a device, and one of gpufusion's own kernels compiles (NVRTC) and
 runs on it with the right result. That trial is made once per process (per ``cupy``
-module), so a machine with a driver but no NVRTC falls back to NumPy under ``auto`` (and
-``--backend cupy`` is refused up front) instead of failing at the first chunk.
+module; a failed one is tried again at the next probe), so a machine with a driver but no
+NVRTC falls back to NumPy under ``auto`` (and ``--backend cupy`` is refused up front)
+instead of failing at the first chunk.
 """
 
 from __future__ import annotations
@@ -97,17 +98,24 @@ def gpu_status() -> tuple[bool, str]:
     return True, f"{n} CUDA device(s)"
 
 
-@functools.lru_cache(maxsize=4)
+#: ``id(cupy module) -> module`` of the CuPy modules whose trial kernel ran correctly.
+_TRIAL_PASSED: dict[int, Any] = {}
+
+
 def kernel_trial(cupy: Any) -> tuple[bool, str]:
     """Compile and launch one of gpufusion's kernels on a 2x2 block; check the result.
 
     Uses ``kernels/downsample.cu`` through the same cached getter and NVRTC options as the
     real work (so the compiled kernel is reused). Any failure (``CompileException`` without
     NVRTC, ``CUDADriverError`` or ``CUDARuntimeError`` at launch, a wrong result) gives
-    ``(False, reason)``. Cached per ``cupy`` module, i.e. once per process.
+    ``(False, reason)``. A success is remembered per ``cupy`` module (once per process); a
+    failure is not, so a transient one (out of memory, a busy device) in a long-lived
+    process, such as a Dask worker, is tried again at the next probe.
     """
     from .cupy_backend import downsample_mean2_gpu
 
+    if _TRIAL_PASSED.get(id(cupy)) is cupy:
+        return True, "trial kernel ran"
     try:
         block = cupy.asarray(np.array(_TRIAL_BLOCK, dtype=np.uint8))
         result = cupy.asnumpy(downsample_mean2_gpu(block, (2, 2))).tolist()
@@ -116,6 +124,7 @@ def kernel_trial(cupy: Any) -> tuple[bool, str]:
                        f"or run ({one_line(exc)})")
     if result != [[4]]:
         return False, f"a CUDA device is present but a trial kernel returned {result}, not [[4]]"
+    _TRIAL_PASSED[id(cupy)] = cupy
     return True, "trial kernel ran"
 
 
