@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import zarr
 
 from gpufusion import backends
@@ -29,6 +28,7 @@ from .conftest import assert_close
 from .host_emulation.fake_cupy import emulated_gpu
 from .host_emulation.harness import HostKernels, gxx_available
 from .host_emulation.strict_cupy import build_strict_cupy
+from .tile_files import write_tile_csv
 
 
 class CUDARuntimeError(RuntimeError):
@@ -132,12 +132,7 @@ def use_cupy(monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture
 def tile_csv(tmp_path: Path) -> Path:
     syn = make_mosaic((2, 2), (48, 48), overlap=0.2, subpixel=1.0, seed=4)
-    lines = ["file,x,y"]
-    for k, (tile, (y, x)) in enumerate(zip(syn.tiles, syn.positions, strict=True)):
-        tifffile.imwrite(tmp_path / f"t{k}.tif", tile)
-        lines.append(f"t{k}.tif,{float(x)!r},{float(y)!r}")
-    (tmp_path / "pos.csv").write_text("\n".join(lines) + "\n")
-    return tmp_path / "pos.csv"
+    return write_tile_csv(tmp_path, syn.tiles, syn.positions)
 
 
 def run_cli(args: list, capsys) -> tuple[int, str]:

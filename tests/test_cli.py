@@ -15,6 +15,7 @@ from gpufusion.cli import main
 from gpufusion.synthetic import make_mosaic
 
 from .conftest import psnr
+from .tile_files import write_tile_csv
 
 
 @pytest.fixture
@@ -257,11 +258,7 @@ def test_fuse_to_pyramidal_ome_tiff(tile_dir: Path, capsys) -> None:
 
 def test_fuse_with_registration_recovers_stage_errors(tmp_path: Path, capsys) -> None:
     syn = make_mosaic((3, 3), (128, 128), overlap=0.15, stage_error=6.0, seed=8)
-    lines = ["file,x,y"]
-    for k, (tile, (y, x)) in enumerate(zip(syn.tiles, syn.stage_positions, strict=True)):
-        tifffile.imwrite(tmp_path / f"t{k}.tif", tile)
-        lines.append(f"t{k}.tif,{float(x)!r},{float(y)!r}")
-    (tmp_path / "stage.csv").write_text("\n".join(lines) + "\n")
+    write_tile_csv(tmp_path, syn.tiles, syn.stage_positions, "stage.csv")
     code, _, err = run_cli(["fuse", tmp_path / "stage.csv", "-o", tmp_path / "r.ome.zarr",
                             "--register", "--max-shift", "20", "--backend", "numpy"], capsys)
     assert code == 0, err

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import zarr
 
 from gpufusion import backends, fuse, pipeline
@@ -29,6 +28,7 @@ from gpufusion.synthetic import make_mosaic
 from .conftest import assert_close
 from .host_emulation.fake_cupy import emulated_gpu
 from .host_emulation.harness import HostKernels, gxx_available
+from .tile_files import write_tile_csv
 
 distributed = pytest.importorskip("distributed")
 
@@ -82,12 +82,7 @@ def gpu_workers_cpu_client(tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture
 def tile_csv(tmp_path: Path) -> Path:
     syn = make_mosaic((2, 3), (96, 96), overlap=0.2, subpixel=1.0, seed=7)
-    lines = ["file,x,y"]
-    for k, (tile, (y, x)) in enumerate(zip(syn.tiles, syn.positions, strict=True)):
-        tifffile.imwrite(tmp_path / f"t{k}.tif", tile)
-        lines.append(f"t{k}.tif,{float(x)!r},{float(y)!r}")
-    (tmp_path / "pos.csv").write_text("\n".join(lines) + "\n")
-    return tmp_path / "pos.csv"
+    return write_tile_csv(tmp_path, syn.tiles, syn.positions)
 
 
 @pytest.fixture

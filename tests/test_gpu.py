@@ -196,19 +196,13 @@ def test_downsample_gpu_matches_reference(cp, algorithm: str) -> None:
 
 def file_mosaic(tmp_path: Path, seed: int = 12):
     """A 2D uint16 mosaic whose tiles are TIFF files (tasks read their own windows)."""
-    import tifffile
-
     from gpufusion.readers import mosaic_from_file
 
+    from .tile_files import write_tile_csv
+
     case = cases.make_case("subpixel", 2, "linear", "linear", ("uint16", "uint16"), seed)
-    lines = ["file,x,y"]
-    for i, tile in enumerate(case.mosaic.tiles):
-        tifffile.imwrite(tmp_path / f"t{i}.tif", tile.source.read(
-            tuple(slice(0, n) for n in tile.shape)))
-        y, x = tile.affine[:2, 2]
-        lines.append(f"t{i}.tif,{float(x)!r},{float(y)!r}")
-    (tmp_path / "pos.csv").write_text("\n".join(lines) + "\n")
-    return mosaic_from_file(tmp_path / "pos.csv")
+    tiles = [t.source.read(tuple(slice(0, n) for n in t.shape)) for t in case.mosaic.tiles]
+    return mosaic_from_file(write_tile_csv(tmp_path, tiles, case.mosaic.positions()))
 
 
 def fuse_on_gpu_workers(mosaic, gpus: list[int]) -> tuple[np.ndarray, Counter]:

@@ -15,11 +15,12 @@ import cloudpickle
 import dask
 import numpy as np
 import pytest
-import tifffile
 
 from gpufusion import fuse
 from gpufusion.readers import mosaic_from_file
 from gpufusion.synthetic import make_mosaic
+
+from .tile_files import write_tile_csv
 
 TILE = 256
 
@@ -27,12 +28,7 @@ TILE = 256
 def tile_files(folder: Path, compression: str | None) -> Path:
     """A 2x3 grid of 256 x 256 uint16 TIFF tiles and its positions CSV."""
     syn = make_mosaic((2, 3), (TILE, TILE), overlap=0.15, subpixel=1.0, seed=3)
-    lines = ["file,x,y"]
-    for k, (tile, (y, x)) in enumerate(zip(syn.tiles, syn.positions, strict=True)):
-        tifffile.imwrite(folder / f"t{k}.tif", tile, compression=compression)
-        lines.append(f"t{k}.tif,{float(x)!r},{float(y)!r}")
-    (folder / "pos.csv").write_text("\n".join(lines) + "\n")
-    return folder / "pos.csv"
+    return write_tile_csv(folder, syn.tiles, syn.positions, compression=compression)
 
 
 def task_payloads(image) -> dict:

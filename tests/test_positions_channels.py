@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import zarr
 
 import gpufusion
 from gpufusion.cli import main
-from gpufusion.cli.inputs import INPUT_HELP, add_input_options, tileset_from_args
+from gpufusion.cli.inputs import tileset_from_args
 from gpufusion.errors import InputError
 from gpufusion.readers.detect import read_tileset
 from gpufusion.readers.positions import (
@@ -25,25 +24,11 @@ from gpufusion.readers.positions import (
 from gpufusion.readers.tileset import tileset_from_positions
 from gpufusion.synthetic import make_mosaic
 
+from .test_inputs_cli import args_for
+from .test_readers import assert_input_error as one_line
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LEICA = DATA / "leica_2tiles" / "experiment--test"
-
-
-def args_for(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gpufusion fuse")
-    p.add_argument("input", help=INPUT_HELP)
-    p.add_argument("--pixel-size", type=float, default=None)
-    p.add_argument("--unit", default="micrometer")
-    add_input_options(p)
-    return p.parse_args(list(argv))
-
-
-def one_line(excinfo: pytest.ExceptionInfo[InputError], *parts: str) -> str:
-    message = str(excinfo.value)
-    assert "\n" not in message and "\r" not in message
-    for part in parts:
-        assert part in message, f"{part!r} not in {message!r}"
-    return message
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ from gpufusion.registration import (
 )
 from gpufusion.synthetic import make_mosaic
 
+from .tile_files import write_tile_csv
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LEICA = DATA / "leica_2tiles/experiment--test/slide--S00/chamber--U00--V00"
 TMA = DATA / "tma_4x3"
@@ -461,12 +463,7 @@ def cli_run(argv: list[str]) -> int:
 @pytest.fixture
 def tile_csv(tmp_path: Path) -> tuple[Path, object]:
     syn = make_mosaic((2, 2), (96, 96), overlap=0.2, stage_error=5, seed=4)
-    lines = ["file,x,y"]
-    for k, (tile, (y, x)) in enumerate(zip(syn.tiles, syn.stage_positions, strict=True)):
-        tifffile.imwrite(tmp_path / f"t{k}.tif", tile)
-        lines.append(f"t{k}.tif,{float(x)!r},{float(y)!r}")
-    (tmp_path / "pos.csv").write_text("\n".join(lines) + "\n")
-    return tmp_path / "pos.csv", syn
+    return write_tile_csv(tmp_path, syn.tiles, syn.stage_positions), syn
 
 
 def test_cli_register_writes_usable_positions(tile_csv, tmp_path: Path, capsys) -> None:

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cluster import connect, parse_gpus
     from ..pipeline import check_output_path, fuse_to_file
     from .inputs import tilesets_from_args
-    from .outputs import check_outputs
+    from .outputs import check_outputs, input_files
 
     out = check_output_path(args.output, args.overwrite)
     if args.pixel_size is not None and not args.pixel_size > 0:
@@ -152,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report and not args.register:
         raise InputError("--report: draws the registration; add --register")
     reports = fuse_report_outputs(args, len(timepoints)) if args.register else []
-    check_outputs(reports, [p for ts in timepoints for ch in ts.sources for s in ch
-                            if (p := getattr(s, "path", None)) is not None], args.overwrite)
+    check_outputs(reports, input_files(*timepoints), args.overwrite)
     gpus = parse_gpus(args.gpus) if args.gpus else None
     with connect(gpus=gpus, scheduler=args.scheduler,
                  threads_per_gpu=args.threads_per_gpu) as client:

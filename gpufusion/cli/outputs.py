@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 
@@ -49,6 +50,13 @@ def check_outputs(outputs: Iterable[Path], inputs: Iterable[str | Path], overwri
             raise InputError(f"{out}: folder {out.parent} does not exist")
         if (out.exists() or out.is_symlink()) and not overwrite:
             raise InputError(f"{out}: already exists (use {option} to replace it)")
+
+
+def input_files(*tilesets: Any) -> list[Path]:
+    """Every file the tile sets read (all channels): outputs that :func:`check_outputs`
+    must not replace."""
+    return [Path(p) for ts in tilesets for channel in ts.sources for src in channel
+            if (p := getattr(src, "path", None)) is not None]
 
 
 def _temporary_name(out: Path) -> Path:

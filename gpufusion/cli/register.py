@@ -119,7 +119,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..registration import edges_path_for, write_positions_csv
     from .inputs import tileset_from_args
-    from .outputs import check_outputs, staged
+    from .outputs import check_outputs, input_files, staged
 
     out = Path(args.output)
     source = Path(args.input)
@@ -127,11 +127,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"-o {out}: the positions CSV must end in .csv or .txt")
     _check_report_path(args.report)
     outputs = [out, edges_path_for(out)] + ([Path(args.report)] if args.report else [])
-    check_outputs(outputs, [source] if source.is_file() else [], args.overwrite)
     tiles = tileset_from_args(args)
-    # every file of the tile set (all channels) is an input the outputs must not replace
-    check_outputs(outputs, [p for ch in tiles.sources for s in ch
-                            if (p := getattr(s, "path", None)) is not None], args.overwrite)
+    check_outputs(outputs, [source, *input_files(tiles)] if source.is_file()
+                  else input_files(tiles), args.overwrite)
     reg = tiles.select_channel(registration_channel(args))
     files = [[getattr(src, "path", None) for src in channel] for channel in tiles.sources]
     flat = [f for channel in files for f in channel]
