@@ -19,6 +19,8 @@ from gpufusion.readers import czi as czi_reader
 from gpufusion.readers.detect import detect_format, read_tileset
 from gpufusion.readers.images import clear_tile_cache, tile_cache_info
 
+from .conftest import missing_real_data
+
 pytest.importorskip("czifile")
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "czi_2tiles"
@@ -28,7 +30,7 @@ CZI = DATA / "mosaic_test.czi"
 @pytest.fixture
 def czi_path() -> Path:
     if not CZI.is_file():
-        pytest.skip(f"real data not present: {CZI}")
+        missing_real_data(CZI)
     return CZI
 
 
@@ -111,7 +113,7 @@ def test_not_a_czi_and_truncated_czi(czi_path, tmp_path):
     (tmp_path / "cut.czi").write_bytes(czi_path.read_bytes()[:600])
     with pytest.raises(InputError) as excinfo:
         read_tileset(tmp_path / "cut.czi")
-    one_line(excinfo, "cut.czi", "corrupt CZI sub-block directory")
+    one_line(excinfo, "cut.czi", "damaged CZI file: corrupt sub-block directory")
 
 
 def test_channel_and_timepoint_selection_errors(czi_path):

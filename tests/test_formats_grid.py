@@ -15,12 +15,14 @@ from gpufusion.readers.detect import read_tileset
 from gpufusion.readers.grid import natural_key, parse_grid, read_grid
 from gpufusion.synthetic import make_mosaic
 
+from .conftest import missing_real_data
+
 TMA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tma_4x3"
 
 
 def needs(folder: Path) -> Path:
     if not folder.is_dir():
-        pytest.skip(f"real data not present: {folder}")
+        missing_real_data(folder)
     return folder
 
 

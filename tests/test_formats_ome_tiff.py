@@ -16,6 +16,8 @@ from gpufusion.readers.images import clear_tile_cache, set_tile_cache_bytes, til
 from gpufusion.readers.ome_tiff import read_ome_tiff
 from gpufusion.synthetic import make_mosaic
 
+from .conftest import missing_real_data
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LEICA = DATA / "leica_2tiles"
 CHAMBER = LEICA / "experiment--test" / "slide--S00" / "chamber--U00--V00"
@@ -24,7 +26,7 @@ PIXEL_UM = 0.5
 
 def needs(folder: Path) -> Path:
     if not folder.is_dir():
-        pytest.skip(f"real data not present: {folder}")
+        missing_real_data(folder)
     return folder
 
 
@@ -252,7 +254,7 @@ def test_corrupt_ome_xml(tmp_path):
                      description=xml[: len(xml) // 2].encode(), metadata=None)
     with pytest.raises(InputError) as excinfo:
         read_tileset(tmp_path)
-    one_line(excinfo, "b.ome.tif", "corrupt OME-XML")
+    one_line(excinfo, "b.ome.tif", "truncated OME-XML")
 
 
 def test_unknown_unit(tmp_path):

@@ -14,13 +14,15 @@ from gpufusion.cli.inputs import INPUT_HELP, add_input_options, tileset_from_arg
 from gpufusion.errors import InputError
 from gpufusion.readers.detect import FORMATS, detect_format, read_tileset
 
+from .conftest import missing_real_data
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHAMBER = DATA / "leica_2tiles" / "experiment--test" / "slide--S00" / "chamber--U00--V00"
 
 
 def needs(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real data not present: {path}")
+        missing_real_data(path)
     return path
 
 

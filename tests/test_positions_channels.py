@@ -24,6 +24,7 @@ from gpufusion.readers.positions import (
 from gpufusion.readers.tileset import tileset_from_positions
 from gpufusion.synthetic import make_mosaic
 
+from .conftest import missing_real_data
 from .test_inputs_cli import args_for
 from .test_readers import assert_input_error as one_line
 
@@ -228,7 +229,7 @@ def test_tileset_from_positions_checks_channels():
 
 def test_leica_folder_and_channel_csv_fuse_identically(tmp_path: Path, capsys):
     if not LEICA.is_dir():
-        pytest.skip(f"real data not present: {LEICA}")
+        missing_real_data(LEICA)
     ts = read_tileset(LEICA)
     assert (ts.n_channels, ts.n_tiles) == (2, 2)
     rows = ["file,x,y,channel"]

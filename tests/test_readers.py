@@ -32,6 +32,8 @@ from gpufusion.readers.positions import (
 )
 from gpufusion.sources import TileSource
 
+from .conftest import missing_real_data
+
 DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 LEICA = DATA / "leica_2tiles" / "experiment--test" / "slide--S00" / "chamber--U00--V00"
 TMA = DATA / "tma_4x3"
@@ -39,7 +41,7 @@ TMA = DATA / "tma_4x3"
 
 def needs(folder: Path) -> Path:
     if not folder.is_dir():
-        pytest.skip(f"real data not present: {folder}")
+        missing_real_data(folder)
     return folder
 
 

@@ -26,6 +26,7 @@ from gpufusion.registration import (
 )
 from gpufusion.synthetic import make_mosaic
 
+from .conftest import missing_real_data
 from .tile_files import write_tile_csv
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -42,7 +43,7 @@ def rms_after_offset(found: np.ndarray, truth: np.ndarray) -> float:
 
 def needs(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real data {path} is absent")
+        missing_real_data(path)
     return path
 
 

@@ -23,6 +23,43 @@ from .fuse import (
     summary,
 )
 
+#: Bounds of the demo. It holds every tile, the fused image and its ground truth in memory
+#: (about 30 bytes per tile pixel at its peak, measured) and samples the specimen at every
+#: pixel (~0.35 s per megapixel on 2 cores), so 2**28 tile pixels (256 Mpx) need ~8 GiB
+#: and a couple of minutes: within a 24 GiB, 2-core machine. Beyond that it shows nothing
+#: new; ``gpufusion fuse`` streams larger mosaics from files without holding them.
+MAX_TILE = 8192
+MAX_TILES = 1024
+MAX_TILE_PIXELS = 1 << 28
+
+
+def check_demo_size(rows: int, cols: int, tile: int) -> None:
+    """Refuse a demo mosaic beyond :data:`MAX_TILE`, :data:`MAX_TILES` or
+    :data:`MAX_TILE_PIXELS`, with an InputError naming the option.
+
+    Examples
+    --------
+    >>> check_demo_size(4, 4, 1024)
+    >>> check_demo_size(1, 1, 100000)
+    Traceback (most recent call last):
+    ...
+    gpufusion.errors.InputError: --tile: 100000 px is above the demo's limit (8192 px per side); ...
+    """
+    if tile > MAX_TILE:
+        raise InputError(f"--tile: {tile} px is above the demo's limit ({MAX_TILE} px per side)"
+                         "; it makes and holds every tile in memory")
+    if rows * cols > MAX_TILES:
+        raise InputError(f"--tiles: {rows}x{cols} is {rows * cols} tiles, above the demo's "
+                         f"limit of {MAX_TILES} (it makes and holds every tile in memory)")
+    pixels = rows * cols * tile * tile
+    if pixels > MAX_TILE_PIXELS:
+        raise InputError(
+            f"--tiles {rows}x{cols} --tile {tile}: {pixels / 2**20:.0f} Mpx of tiles, above "
+            f"the demo's limit of {MAX_TILE_PIXELS >> 20} Mpx (the demo keeps tiles, result "
+            "and ground truth in memory, ~8 GiB at the limit); 'gpufusion fuse' streams "
+            "larger mosaics from files"
+        )
+
 
 def parse_grid(text: str) -> tuple[int, int]:
     try:
@@ -52,10 +89,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=parse_grid,
         default=(4, 4),
         metavar="ROWSxCOLS",
-        help="tile grid (default: 4x4)",
+        help=f"tile grid (default: 4x4; at most {MAX_TILES} tiles and "
+        f"{MAX_TILE_PIXELS >> 20} Mpx of tiles in all, as the demo holds everything in "
+        "memory)",
     )
     p.add_argument(
-        "--tile", type=positive_int, default=1024, metavar="PX", help="tile size (default: 1024)"
+        "--tile", type=positive_int, default=1024, metavar="PX",
+        help=f"tile size (default: 1024, at most {MAX_TILE})",
     )
     p.add_argument("--overlap", type=float, default=0.1, help="overlap fraction (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -71,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.overlap < 1:
         raise InputError(f"--overlap: must be in [0, 1), got {args.overlap}")
+    check_demo_size(*args.tiles, args.tile)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "demo.ome.zarr"

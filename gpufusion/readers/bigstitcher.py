@@ -23,25 +23,28 @@ world is in pixels). ``pixel_size=`` resamples the output to another size.
 Affines are converted to gpufusion's index order ``(z, y, x)`` by reversing rows and
 columns: ``A_zyx = P @ A_xyz @ P`` with ``P`` the axis-reversal permutation.
 
-Image loaders: ``spimreconstruction.filemap2`` (TIFF files), ``bdv.n5`` (a minimal N5
-reader here: zarr 3 has no N5 support; raw, gzip, bzip2, xz, and with numcodecs blosc and
-zstd blocks), ``bdv.multimg.zarr`` (OME-Zarr groups via zarr, versions 1 and 3 of the XML)
+Image loaders: ``spimreconstruction.filemap2`` (TIFF files), ``bdv.n5``
+(:mod:`gpufusion.readers.n5`: raw, gzip, bzip2, xz, blosc and zstd blocks),
+``bdv.multimg.zarr`` (OME-Zarr groups via zarr, versions 1 and 3 of the XML)
 and ``bdv.hdf5`` (needs h5py). Grouping: one tile per (tile, angle) attribute pair, one
 channel per channel attribute; one illumination (default the first; ``"all"`` fuses every
 illumination as separate tiles).
+
+Hostile metadata: the XML is parsed without entities (:mod:`gpufusion.readers.safe_xml`);
+every number must be finite and every id a whole number; a ``<Timepoints>`` range or
+pattern may not list more timepoints than the file has views (ViewRegistration and
+MissingView elements) to describe, so a 300-byte file cannot ask for 10^12 of them.
+Loader paths may lead out of the dataset's folder (BigStitcher projects often do);
+:func:`spimdata_locations` says where data is read from.
 """
 
 from __future__ import annotations
 
-import bz2
 import functools
 import json
-import lzma
 import os
 import re
-import struct
 import xml.etree.ElementTree as ET
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +53,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .n5 import N5DatasetSource
 from .ome_tiff import open_tiff_planes, tiff_series_planes
+from .safe_xml import parse_xml
 from .tileset import TileSet, channel_index, ngff_length_unit, normalise_pixel_size
 
-__all__ = ["N5DatasetSource", "SpimData", "ViewSetup", "ZarrArraySource", "compose",
-           "group_views", "read_bigstitcher", "read_spimdata", "spimdata_timepoints",
-           "world_unit", "xyz_to_index"]
+__all__ = ["DataLocation", "N5DatasetSource", "SpimData", "ViewSetup", "ZarrArraySource",
+           "compose", "group_views", "read_bigstitcher", "read_spimdata", "spimdata_locations",
+           "spimdata_timepoints", "world_unit", "xyz_to_index"]
 
 View = tuple[int, int]  # (timepoint, setup)
 _PERMUTE = np.eye(4)[[2, 1, 0, 3]]
@@ -147,34 +152,88 @@ def _fail(path: Path, message: str) -> InputError:
     return InputError(" ".join(f"{path}: {message}".split()))
 
 
+def _brief(text: str | None) -> str:
+    text = " ".join((text or "").split())
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def _numbers(text: str | None, n: int | None, path: Path, what: str) -> list[float]:
+    """Finite numbers separated by white space (exactly ``n`` unless None)."""
     try:
         values = [float(v) for v in (text or "").split()]
     except ValueError:
-        raise _fail(path, f"{what} is not a list of numbers: {text!r}") from None
+        kind = "a number" if n == 1 else "a list of numbers"
+        raise _fail(path, f"{what} is not {kind}: {_brief(text)}") from None
     if n is not None and len(values) != n:
         raise _fail(path, f"{what} needs {n} numbers, got {len(values)}")
+    if not all(np.isfinite(values)):
+        raise _fail(path, f"{what} has a number that is not finite: {_brief(text)}")
     return values
 
 
-def _int_pattern(text: str, path: Path) -> list[int]:
-    """Timepoint ``integerpattern``: ``"0"``, ``"0-9"``, ``"0,2,4"``, ``"1-10:2"``."""
-    out: list[int] = []
+def _integer(text: str | None, path: Path, what: str, default: int | None = None) -> int:
+    """A whole number from element text or an attribute (``default`` when absent)."""
+    if default is not None and (text is None or not text.strip()):
+        return default
+    value = _numbers(text, 1, path, what)[0]
+    if not value.is_integer():
+        raise _fail(path, f"{what} is not a whole number: {_brief(text)}")
+    return int(value)
+
+
+_PATTERN_PART = re.compile(r"(-?\d+)(?:\s*-\s*(-?\d+)(?::(\d+))?)?")
+
+
+def _int_pattern(text: str, path: Path, limit: int) -> list[int]:
+    """Timepoint ``integerpattern``: ``"0"``, ``"0-9"``, ``"0,2,4"``, ``"1-10:2"``.
+
+    Counted before it is expanded: more than ``limit`` timepoints are refused.
+    """
+    ranges = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+)(?::(\d+))?)?", part)
+        match = _PATTERN_PART.fullmatch(part)
         if match is None:
-            raise _fail(path, f"timepoint pattern {text!r} is not understood")
+            raise _fail(path, f"timepoint pattern {_brief(text)} is not understood")
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) else first
-        out += range(first, last + 1, int(match.group(3) or 1))
-    return out
+        step = int(match.group(3) or 1)
+        if step < 1:
+            raise _fail(path, f"timepoint pattern {_brief(text)}: step {step} must be >= 1")
+        ranges.append(range(first, last + 1, step))
+    _check_timepoint_count(sum(max(0, (r.stop - r.start + r.step - 1) // r.step)
+                               for r in ranges), f"integerpattern {_brief(text)}", path, limit)
+    return [t for r in ranges for t in r]
+
+
+def _check_timepoint_count(count: int, what: str, path: Path, limit: int) -> None:
+    if count > limit:
+        raise _fail(path, f"<Timepoints> {what} lists {count} timepoints, more than the "
+                          f"{limit} view(s) this file describes (ViewRegistration and "
+                          "MissingView elements); is it mistyped?")
+
+
+def _parse_timepoints(tps: ET.Element, path: Path, limit: int) -> list[int]:
+    """The ids a ``<Timepoints>`` element lists (``range``, ``pattern`` or ``list``)."""
+    if tps.get("type", "pattern") == "range":
+        first, last = (_integer(tps.findtext(k), path, f"<Timepoints> <{k}>")
+                       for k in ("first", "last"))
+        _check_timepoint_count(last - first + 1, f"range {first}-{last}", path, limit)
+        return list(range(first, last + 1))
+    if tps.find("integerpattern") is not None:
+        return _int_pattern(tps.findtext("integerpattern") or "", path, limit)
+    return [_integer(e.text, path, "<Timepoints> <id>") for e in tps.iter("id")]
 
 
 def _parse_setup(elem: ET.Element, path: Path) -> ViewSetup:
-    sid = int(_numbers(elem.findtext("id"), 1, path, "ViewSetup id")[0])
+    sid = _integer(elem.findtext("id"), path, "ViewSetup id")
     size_text = elem.findtext("size")
-    size = tuple(int(v) for v in _numbers(size_text, 3, path, f"ViewSetup {sid} size")) \
-        if size_text else None
+    size = None
+    if size_text:
+        values = _numbers(size_text, 3, path, f"ViewSetup {sid} size")
+        if not all(v.is_integer() and v >= 1 for v in values):
+            raise _fail(path, f"ViewSetup {sid} size must be 3 whole numbers >= 1 (x y z), "
+                              f"got {_brief(size_text)}")
+        size = tuple(int(v) for v in values)
     voxel, unit = None, None
     vox = elem.find("voxelSize")
     if vox is not None:
@@ -185,9 +244,16 @@ def _parse_setup(elem: ET.Element, path: Path) -> ViewSetup:
     attributes = {}
     attrs = elem.find("attributes")
     for child in attrs if attrs is not None else []:
-        attributes[child.tag] = int(_numbers(child.text, 1, path, f"attribute {child.tag}")[0])
+        attributes[child.tag] = _integer(child.text, path,
+                                         f"ViewSetup {sid} attribute <{child.tag}>")
     return ViewSetup(sid, elem.findtext("name") or str(sid), size,  # type: ignore[arg-type]
                      voxel, unit, attributes)  # type: ignore[arg-type]
+
+
+def _view_of(elem: ET.Element, path: Path, tag: str) -> View:
+    """``(timepoint, setup)`` of a ViewRegistration / MissingView element."""
+    return (_integer(elem.get("timepoint"), path, f"{tag} timepoint", 0),
+            _integer(elem.get("setup"), path, f"{tag} setup", 0))
 
 
 def read_spimdata(path: str | os.PathLike[str]) -> SpimData:
@@ -196,8 +262,9 @@ def read_spimdata(path: str | os.PathLike[str]) -> SpimData:
     Raises
     ------
     InputError
-        For a missing file, corrupt or truncated XML, a root that is not ``SpimData``,
-        or malformed numbers; the message names the file.
+        For a missing file, malformed or truncated XML, entity declarations, a root that
+        is not ``SpimData``, malformed, non-finite or non-integer numbers, or more
+        timepoints than the file has views; the message names the file and the field.
 
     Examples
     --------
@@ -218,14 +285,12 @@ def read_spimdata(path: str | os.PathLike[str]) -> SpimData:
     """
     file = Path(path)
     try:
-        root = ET.parse(file).getroot()
+        text = file.read_bytes()
     except FileNotFoundError:
         raise _fail(file, "dataset.xml not found") from None
-    except ET.ParseError as exc:
-        line, col = exc.position
-        raise _fail(file, f"corrupt or truncated XML (line {line}, column {col})") from None
     except OSError as exc:
         raise _fail(file, f"cannot read file ({exc.strerror or exc})") from None
+    root = parse_xml(text, file)
     if root.tag != "SpimData":
         raise _fail(file, f"not a BigStitcher/BigDataViewer dataset.xml (root <{root.tag}>)")
     base = root.find("BasePath")
@@ -239,27 +304,23 @@ def read_spimdata(path: str | os.PathLike[str]) -> SpimData:
     for group in seq.iter("Attributes"):
         for item in group:
             if item.findtext("id") is not None:
-                names.setdefault(group.get("name", ""), {})[int(item.findtext("id") or 0)] = \
+                what = f"<Attributes name={group.get('name', '')!r}> <id>"
+                names.setdefault(group.get("name", ""), {})[
+                    _integer(item.findtext("id"), file, what)] = \
                     (item.findtext("name") or "").strip()
+    missing_views = list(seq.iter("MissingView"))
+    view_registrations = list(root.iter("ViewRegistration"))
     timepoints: list[int] = []
     tps = seq.find("Timepoints")
     if tps is not None:
-        kind = tps.get("type", "pattern")
-        if kind == "range":
-            first, last = (int(_numbers(tps.findtext(k), 1, file, k)[0]) for k in ("first", "last"))
-            timepoints = list(range(first, last + 1))
-        elif tps.find("integerpattern") is not None:
-            timepoints = _int_pattern(tps.findtext("integerpattern") or "", file)
-        else:
-            timepoints = [int(_numbers(e.text, 1, file, "timepoint id")[0])
-                          for e in tps.iter("id")]
+        limit = max(1, len(view_registrations) + len(missing_views))
+        timepoints = _parse_timepoints(tps, file, limit)
     elif setups:
         timepoints = [0]
-    missing = frozenset((int(e.get("timepoint", 0)), int(e.get("setup", 0)))
-                        for e in seq.iter("MissingView"))
+    missing = frozenset(_view_of(e, file, "MissingView") for e in missing_views)
     registrations: dict[View, list[tuple[str, np.ndarray | None]]] = {}
-    for reg in root.iter("ViewRegistration"):
-        view = (int(reg.get("timepoint", 0)), int(reg.get("setup", 0)))
+    for reg in view_registrations:
+        view = _view_of(reg, file, "ViewRegistration")
         transforms = []
         for vt in reg.findall("ViewTransform"):
             if vt.get("type", "affine") != "affine":
@@ -277,95 +338,6 @@ def read_spimdata(path: str | os.PathLike[str]) -> SpimData:
 
 
 # --- pixel stores ------------------------------------------------------------------------
-
-_N5_CODECS = {
-    "raw": lambda b: b,
-    "gzip": lambda b: zlib.decompress(b, 47),  # 47: gzip or zlib header, detected
-    "bzip2": bz2.decompress,
-    "xz": lzma.decompress,
-}
-
-
-def _n5_decoder(compression: dict[str, Any], where: Path) -> Any:
-    kind = compression.get("type", "raw")
-    if kind in _N5_CODECS:
-        return _N5_CODECS[kind]
-    if kind in ("blosc", "zstd"):
-        import numcodecs
-
-        codec = numcodecs.Blosc() if kind == "blosc" else numcodecs.Zstd()
-        return codec.decode
-    raise _fail(where, f"N5 compression {kind!r} is not supported (raw, gzip, bzip2, xz, "
-                       "blosc, zstd are)")
-
-
-class N5DatasetSource:
-    """One N5 dataset (``(x, y, z)`` on disk, ``(z, y, x)`` here), read block by block.
-
-    A minimal reader of the N5 format (github.com/saalfeldlab/n5, README "File-system
-    specification"): ``attributes.json`` gives ``dimensions``, ``blockSize``, ``dataType``
-    and ``compression``; block ``(i, j, k)`` is the file ``i/j/k`` holding a big-endian
-    header (mode, ndim, block size) and compressed big-endian pixels, x fastest. Missing
-    blocks read as 0. Pickles as the path and the attributes.
-    """
-
-    def __init__(self, path: Path, name: str) -> None:
-        attrs_file = path / "attributes.json"
-        try:
-            attrs = json.loads(attrs_file.read_text())
-            dims = [int(d) for d in attrs["dimensions"]]
-            block = [int(b) for b in attrs["blockSize"]]
-            dtype = np.dtype(attrs["dataType"])
-        except FileNotFoundError:
-            raise _fail(attrs_file, "N5 dataset not found (no attributes.json)") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _fail(attrs_file, f"not an N5 dataset's attributes ({exc!r})") from None
-        compression = attrs.get("compression") or {"type": attrs.get("compressionType", "raw")}
-        _n5_decoder(compression, attrs_file)
-        self.path, self.name = path, name
-        self.shape = tuple(dims[::-1])
-        self.block = tuple(block[::-1])
-        self.dtype = dtype.newbyteorder("=")
-        self.compression = compression
-
-    def _block(self, index: tuple[int, ...]) -> np.ndarray | None:
-        file = self.path.joinpath(*(str(i) for i in index[::-1]))
-        try:
-            raw = file.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            mode, ndim = struct.unpack(">HH", raw[:4])
-            dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-            offset = 4 + 4 * ndim + (4 if mode == 1 else 0)
-            if mode == 2:
-                raise ValueError("object blocks are not image data")
-            data = _n5_decoder(self.compression, file)(raw[offset:])
-            count = int(np.prod(dims))
-            array = np.frombuffer(data, dtype=self.dtype.newbyteorder(">"), count=count)
-            return array.reshape(dims[::-1]).astype(self.dtype)
-        except Exception as exc:  # truncated block, wrong codec
-            raise _fail(file, f"corrupt N5 block ({type(exc).__name__}: {exc})") from None
-
-    def read(self, window: tuple[slice, ...]) -> np.ndarray:
-        """Return the pixels in ``window`` (slices with step 1)."""
-        bounds = [s.indices(n)[:2] for s, n in zip(window, self.shape, strict=True)]
-        out = np.zeros(tuple(max(b - a, 0) for a, b in bounds), dtype=self.dtype)
-        ranges = [range(a // bs, (b - 1) // bs + 1) if b > a else range(0)
-                  for (a, b), bs in zip(bounds, self.block, strict=True)]
-        for index in np.ndindex(*(len(r) for r in ranges)):
-            grid = tuple(r[i] for r, i in zip(ranges, index, strict=True))
-            block = self._block(grid)
-            if block is None:
-                continue
-            src, dst = [], []
-            for g, bs, (a, b), n in zip(grid, self.block, bounds, block.shape, strict=True):
-                lo, hi = max(a, g * bs), min(b, g * bs + n)
-                src.append(slice(lo - g * bs, hi - g * bs))
-                dst.append(slice(lo - a, hi - a))
-            out[tuple(dst)] = block[tuple(src)]
-        return out
-
 
 @functools.lru_cache(maxsize=256)
 def _open_zarr(path: str) -> Any:
@@ -450,71 +422,167 @@ def _zarr_array_path(group: Path) -> Path:
         raise _fail(group, f"unreadable OME-Zarr metadata ({type(exc).__name__}: {exc})") from None
 
 
+#: ImageLoader formats read here, with the element naming their container (None: per view).
+_LOADER_CONTAINERS = {"bdv.n5": "n5", "bdv.hdf5": "hdf5", "bdv.multimg.zarr": "zarr",
+                      "spimreconstruction.filemap2": None}
+
+
+def _loader(spim: SpimData) -> tuple[ET.Element, str]:
+    """The ImageLoader element and its format, which must be one read here."""
+    if spim.loader is None:
+        raise _fail(spim.path, "no ImageLoader in the SequenceDescription")
+    fmt = spim.loader_format
+    if fmt not in _LOADER_CONTAINERS:
+        raise _fail(spim.path, f"ImageLoader format {fmt!r} is not supported; supported: "
+                               f"{', '.join(_LOADER_CONTAINERS)}")
+    return spim.loader, fmt  # type: ignore[return-value]
+
+
+def _loader_path(spim: SpimData, elem: ET.Element | None, what: str) -> Path:
+    """A loader path element: ``type="absolute"`` as written, else under the BasePath."""
+    if elem is None or not (elem.text or "").strip():
+        raise _fail(spim.path, f"ImageLoader {spim.loader_format!r} has no {what} path")
+    text = (elem.text or "").strip()
+    return Path(text) if elem.get("type") == "absolute" else spim.base_path / text
+
+
+def _container(spim: SpimData, loader: ET.Element, fmt: str) -> tuple[Path, str | None]:
+    """The container (N5, HDF5, Zarr root) a loader reads, and its S3 bucket if any."""
+    tag = _LOADER_CONTAINERS[fmt]
+    path = _loader_path(spim, loader.find(tag), f"<{tag}>")  # type: ignore[arg-type]
+    return path, (loader.findtext("s3bucket") or "").strip() or None
+
+
+def _zgroups(spim: SpimData, loader: ET.Element) -> dict[View, tuple[str, list[int]]]:
+    """``bdv.multimg.zarr``: each view's group path (under the root) and leading indices."""
+    groups = {}
+    for z in loader.iter("zgroup"):
+        key = (_integer(z.get("timepoint", z.get("tp")), spim.path, "zgroup timepoint", 0),
+               _integer(z.get("setup"), spim.path, "zgroup setup", 0))
+        indices = [_integer(i, spim.path, f"zgroup {key} indicies")
+                   for i in z.get("indicies", z.get("indices", "")).split()]
+        groups[key] = (z.get("path") or z.findtext("path") or "").strip(), indices
+    return groups
+
+
+def _file_mappings(spim: SpimData, loader: ET.Element) -> dict[View, tuple[Path, int, int]]:
+    """``filemap2``: each view's TIFF file, series and channel."""
+    mapping = {}
+    for e in loader.iter("FileMapping"):
+        key = (_integer(e.get("timepoint"), spim.path, "FileMapping timepoint", 0),
+               _integer(e.get("view_setup"), spim.path, "FileMapping view_setup", 0))
+        file = _loader_path(spim, e.find("file"), f"<file> (FileMapping {key})")
+        mapping[key] = (file, _integer(e.get("series"), spim.path, "FileMapping series", 0),
+                        _integer(e.get("channel"), spim.path, "FileMapping channel", 0))
+    return mapping
+
+
 def _view_sources(spim: SpimData, views: list[View], tp_index: int) -> dict[View, Any]:
     """Open a lazy source per view through the dataset's ImageLoader."""
-    loader = spim.loader
-    fmt = spim.loader_format
-    if loader is None:
-        raise _fail(spim.path, "no ImageLoader in the SequenceDescription")
-
-    def located(tag: str) -> Path:
-        elem = loader.find(tag)
-        if elem is None or not (elem.text or "").strip():
-            raise _fail(spim.path, f"ImageLoader {fmt!r} has no <{tag}> path")
-        if loader.find("s3bucket") is not None:
-            raise _fail(spim.path, "ImageLoader reads from an S3 bucket; only local files "
-                                   "are supported")
-        text = elem.text.strip()  # type: ignore[union-attr]
-        return Path(text) if elem.get("type") == "absolute" else spim.base_path / text
-
+    loader, fmt = _loader(spim)
     out: dict[View, Any] = {}
+    if fmt == "spimreconstruction.filemap2":
+        mapping = _file_mappings(spim, loader)
+        for view in views:
+            if view not in mapping:
+                raise _fail(spim.path, f"no FileMapping for view (timepoint {view[0]}, "
+                                       f"setup {view[1]})")
+            file, series, channel = mapping[view]
+            planes = tiff_series_planes(file, series=series, channel=channel,
+                                        timepoint=tp_index)
+            out[view] = open_tiff_planes(planes, name=spim.setups[view[1]].name)
+        return out
+    root, bucket = _container(spim, loader, fmt)
+    if bucket is not None:
+        raise _fail(spim.path, f"ImageLoader reads from the S3 bucket {bucket!r}; only local "
+                               "files are supported")
     if fmt == "bdv.n5":
-        root = located("n5")
         if not root.is_dir():
             raise _fail(root, "N5 container of the dataset.xml not found")
         for t, s in views:
             out[(t, s)] = N5DatasetSource(root / f"setup{s}" / f"timepoint{t}" / "s0",
                                           spim.setups[s].name)
     elif fmt == "bdv.hdf5":
-        file = located("hdf5")
         for t, s in views:
-            out[(t, s)] = Hdf5DatasetSource(file, f"t{t:05d}/s{s:02d}/0/cells",
+            out[(t, s)] = Hdf5DatasetSource(root, f"t{t:05d}/s{s:02d}/0/cells",
                                             spim.setups[s].name)
-    elif fmt == "bdv.multimg.zarr":
-        root = located("zarr")
+    else:
         if not root.is_dir():
             raise _fail(root, "Zarr container of the dataset.xml not found")
-        groups = {}
-        for z in loader.iter("zgroup"):
-            key = (int(z.get("timepoint", z.get("tp", 0))), int(z.get("setup", 0)))
-            indices = z.get("indicies", z.get("indices", "")).split()
-            groups[key] = (z.get("path") or z.findtext("path") or "").strip(), indices
+        groups = _zgroups(spim, loader)
         for view in views:
             if view not in groups:
                 raise _fail(spim.path, f"no zgroup for view (timepoint {view[0]}, setup {view[1]})")
             rel, indices = groups[view]
-            out[view] = ZarrArraySource(_zarr_array_path(root / rel), [int(i) for i in indices],
+            out[view] = ZarrArraySource(_zarr_array_path(root / rel), indices,
                                         spim.setups[view[1]].name)
-    elif fmt == "spimreconstruction.filemap2":
-        mapping = {}
-        for e in loader.iter("FileMapping"):
-            key = (int(e.get("timepoint", 0)), int(e.get("view_setup", 0)))
-            mapping[key] = (e.find("file"), int(e.get("series", 0)), int(e.get("channel", 0)))
-        for view in views:
-            if view not in mapping:
-                raise _fail(spim.path, f"no FileMapping for view (timepoint {view[0]}, "
-                                       f"setup {view[1]})")
-            elem, series, channel = mapping[view]
-            text = (elem.text or "").strip() if elem is not None else ""
-            file = Path(text) if elem is not None and elem.get("type") == "absolute" \
-                else spim.base_path / text
-            planes = tiff_series_planes(file, series=series, channel=channel,
-                                        timepoint=tp_index)
-            out[view] = open_tiff_planes(planes, name=spim.setups[view[1]].name)
-    else:
-        raise _fail(spim.path, f"ImageLoader format {fmt!r} is not supported; supported: "
-                               "bdv.n5, bdv.multimg.zarr, bdv.hdf5, spimreconstruction.filemap2")
     return out
+
+
+@dataclass(frozen=True)
+class DataLocation:
+    """Where a dataset.xml's ImageLoader reads pixels (see :func:`spimdata_locations`)."""
+
+    kind: str
+    """What is there: ``"N5 container"``, ``"HDF5 file"``, ``"Zarr container"``,
+    ``"TIFF files"`` (a folder holding them) or ``"S3 bucket"``."""
+    path: str
+    """Absolute path (or ``s3://bucket/key``)."""
+    views: int
+    """Number of views read from there."""
+    outside: bool
+    """The location is not inside the dataset.xml's folder."""
+    exists: bool | None
+    """Whether the path exists here (None for S3)."""
+
+
+def spimdata_locations(spim: SpimData) -> list[DataLocation]:
+    """Where the pixels of a dataset.xml are read from, resolved, without reading them.
+
+    Loader paths leading out of the dataset's folder (absolute, or ``..``) are allowed;
+    ``outside`` marks them. File-map loaders are summarised per folder.
+
+    Raises
+    ------
+    InputError
+        For a missing or unsupported ImageLoader, or a loader without its path.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> xml = Path(tempfile.mkdtemp()) / "dataset.xml"
+    >>> _ = xml.write_text(
+    ...     "<SpimData><SequenceDescription><ImageLoader format='bdv.n5'>"
+    ...     "<n5 type='absolute'>/data/big.n5</n5></ImageLoader><ViewSetups><ViewSetup>"
+    ...     "<id>0</id></ViewSetup></ViewSetups></SequenceDescription></SpimData>")
+    >>> spimdata_locations(read_spimdata(xml))  # doctest: +NORMALIZE_WHITESPACE
+    [DataLocation(kind='N5 container', path='/data/big.n5', views=1, outside=True,
+                  exists=False)]
+    """
+    loader, fmt = _loader(spim)
+    folder = spim.path.resolve().parent
+    views = spim.views()
+
+    def located(kind: str, path: Path, n: int) -> DataLocation:
+        resolved = path.resolve()
+        return DataLocation(kind, str(resolved), n, not resolved.is_relative_to(folder),
+                            resolved.exists())
+
+    if fmt == "spimreconstruction.filemap2":
+        mapping = _file_mappings(spim, loader)
+        folders: dict[Path, int] = {}
+        for view in views:
+            if view in mapping:
+                parent = mapping[view][0].resolve().parent
+                folders[parent] = folders.get(parent, 0) + 1
+        return [located("TIFF files", path, n) for path, n in folders.items()]
+    root, bucket = _container(spim, loader, fmt)
+    if bucket is not None:
+        return [DataLocation("S3 bucket", f"s3://{bucket}/{root.as_posix().lstrip('/')}",
+                             len(views), True, None)]
+    kind = {"bdv.n5": "N5 container", "bdv.hdf5": "HDF5 file",
+            "bdv.multimg.zarr": "Zarr container"}[fmt]
+    return [located(kind, root, len(views))]
 
 
 # --- tiles -------------------------------------------------------------------------------
@@ -588,7 +656,9 @@ def spimdata_timepoints(
     ...     "<SpimData><SequenceDescription><ViewSetups><ViewSetup><id>0</id></ViewSetup>"
     ...     "</ViewSetups><Timepoints type='range'><first>0</first><last>2</last></Timepoints>"
     ...     "<MissingViews><MissingView timepoint='1' setup='0'/></MissingViews>"
-    ...     "</SequenceDescription></SpimData>")
+    ...     "</SequenceDescription><ViewRegistrations><ViewRegistration timepoint='0' "
+    ...     "setup='0'/><ViewRegistration timepoint='2' setup='0'/></ViewRegistrations>"
+    ...     "</SpimData>")
     >>> spimdata_timepoints(read_spimdata(xml))
     [0, 2]
     """

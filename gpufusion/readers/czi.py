@@ -19,9 +19,12 @@ starts share one frame). RGB pixel types are not supported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ import numpy as np
 from ..errors import InputError
 from ..layout import translation_affine
 from .images import PlanewiseSource, file_stamp
+from .library_logs import CZIFILE_LOG, library_message
 from .tileset import TileSet, normalise_pixel_size
 
 __all__ = ["CziTileSource", "czi_timepoints", "read_czi"]
@@ -45,14 +49,70 @@ def _czifile() -> Any:
     return czifile
 
 
-def _open(path: Path) -> Any:
+@contextlib.contextmanager
+def _czifile_checked(path: Path) -> Iterator[None]:
+    """Talk to czifile: what it warns (2019.x) or logs (2026+) about ``path`` is an InputError.
+
+    czifile reports a damaged file (an unknown segment, a missing directory, an unfinished
+    write) as a warning, raw bytes included, and carries on; here the first such report
+    ends the read with one line naming the file. It names the cause better than a failure
+    that follows it, so it wins over an exception from the block. Python's warning
+    filters are process-wide: use this on the thread that reads the directory, not in the
+    fusion tasks (:meth:`CziTileSource._decode_planes` checks segments itself).
+    """
+    failure: Exception | None = None
+    with warnings.catch_warnings(record=True) as caught, CZIFILE_LOG.capture() as logged:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except Exception as exc:  # re-raised below unless czifile said what is wrong
+            failure = exc
+    own = [w for w in caught if "czifile" in w.filename]
+    for w in caught:  # warnings from elsewhere go on as if not caught
+        if w not in own:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    messages = [library_message(str(w.message)) for w in own] + logged
+    if messages:
+        raise InputError(f"{path}: damaged CZI file: {messages[0]}") from None
+    if failure is not None:
+        raise failure
+
+
+def _open(path: Path, check_warnings: bool = True) -> Any:
+    czi = None
     try:
-        return _czifile().CziFile(str(path))
+        with _czifile_checked(path) if check_warnings else contextlib.nullcontext():
+            czi = _czifile().CziFile(str(path))
+        return czi
     except InputError:
+        if czi is not None:  # opened, but czifile warned about it
+            czi.close()
         raise
     except Exception as exc:  # czifile raises ValueError and others for non-CZI files
         message = " ".join(str(exc).split())
         raise InputError(f"{path}: not a readable CZI file ({message})") from None
+
+
+#: The segment id a sub-block starts with (16 bytes, NUL padded).
+_SUBBLOCK_ID = b"ZISRAWSUBBLOCK\0\0"
+
+
+def _check_subblock_ids(path: Path, positions: list[int]) -> None:
+    """Check that a sub-block segment starts at each file offset, before czifile reads it."""
+    with open(path, "rb") as fh:
+        for position in positions:
+            fh.seek(position)
+            found = fh.read(len(_SUBBLOCK_ID))
+            if len(found) < len(_SUBBLOCK_ID):
+                raise InputError(
+                    f"{path}: CZI file is truncated: it ends at byte {fh.seek(0, os.SEEK_END)}, "
+                    f"before the sub-block at byte {position}"
+                )
+            if found != _SUBBLOCK_ID:
+                raise InputError(
+                    f"{path}: damaged CZI file: no sub-block segment at byte {position} "
+                    f"(found {library_message(repr(found))})"
+                )
 
 
 def _entry_facts(czi: Any, entry: Any) -> tuple[dict[str, tuple[int, int, int]], np.dtype, int]:
@@ -104,20 +164,27 @@ class CziTileSource(PlanewiseSource):
         return (*super()._key, self.subblocks)
 
     def _decode_planes(self, ks: list[int]) -> list[np.ndarray]:
+        blocks = {k: next((b for b in self.subblocks if b[1] <= k < b[1] + b[2]), None)
+                  for k in ks}
+        # checked here, not by czifile's warnings (process-wide filters; this is a worker)
+        _check_subblock_ids(self.path, sorted({b[0] for b in blocks.values() if b}))
         plane_shape = self.shape[-2:]
         decoded: dict[int, np.ndarray] = {}
         out = []
-        czi = _open(self.path)
+        czi = _open(self.path, check_warnings=False)
         try:
-            for k in ks:
-                block = next((b for b in self.subblocks if b[1] <= k < b[1] + b[2]), None)
-                if block is None:  # no sub-block holds this plane
-                    out.append(np.zeros(plane_shape, self.dtype))
-                    continue
-                if block[0] not in decoded:
-                    data = _read_subblock(czi, block[0])
-                    decoded[block[0]] = data.reshape(-1, *plane_shape)
-                out.append(decoded[block[0]][k - block[1]])
+            with CZIFILE_LOG.capture() as logged:  # czifile >= 2026 logs damage and goes on
+                for k in ks:
+                    block = blocks[k]
+                    if block is None:  # no sub-block holds this plane
+                        out.append(np.zeros(plane_shape, self.dtype))
+                        continue
+                    if block[0] not in decoded:
+                        data = _read_subblock(czi, block[0])
+                        decoded[block[0]] = data.reshape(-1, *plane_shape)
+                    out.append(decoded[block[0]][k - block[1]])
+            if logged:
+                raise InputError(f"{self.path}: damaged CZI file: {logged[0]}")
         except InputError:
             raise
         except Exception as exc:  # decoder failures (codec missing, corrupt data)
@@ -168,6 +235,22 @@ def _channel_names(metadata: str | None, n: int) -> list[str]:
 _Entry = tuple[Any, dict[str, tuple[int, int, int]], np.dtype, int]
 
 
+def _czi_part(file: Path, part: str, read: Any) -> Any:
+    """``read()`` a part of the file; any failure is an InputError naming the part.
+
+    czifile 2019.x warns about an unknown segment id (see :func:`_czifile_checked`);
+    czifile 2026.10 raises ``ValueError("invalid CziSegment ID ...")`` with the raw bytes
+    in it: both become "damaged CZI file", printable ASCII only.
+    """
+    try:
+        return read()
+    except Exception as exc:  # truncated or corrupt segments
+        raise InputError(
+            f"{file}: damaged CZI file: corrupt {part} ({type(exc).__name__}: "
+            f"{library_message(str(exc))})"
+        ) from None
+
+
 def _mosaic_entries(file: Path) -> tuple[list[_Entry], str | None]:
     """Full-resolution directory entries (entry, dims, dtype, samples) and the metadata.
 
@@ -178,15 +261,10 @@ def _mosaic_entries(file: Path) -> tuple[list[_Entry], str | None]:
     """
     czi = _open(file)
     try:
-        try:
-            directory = list(czi.subblock_directory)
-            metadata = czi.metadata()
-        except Exception as exc:  # truncated or corrupt directory
-            raise InputError(
-                f"{file}: corrupt CZI sub-block directory ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())})"
-            ) from None
-        entries = [(e, *_entry_facts(czi, e)) for e in directory if int(e.pyramid_type) == 0]
+        with _czifile_checked(file):
+            directory = _czi_part(file, "sub-block directory", lambda: list(czi.subblock_directory))
+            metadata = _czi_part(file, "metadata segment", czi.metadata)
+            entries = [(e, *_entry_facts(czi, e)) for e in directory if int(e.pyramid_type) == 0]
     finally:
         czi.close()
     entries = [item for item in entries
@@ -267,6 +345,7 @@ def read_czi(
     t = t_values[0] if timepoint is None else int(timepoint)
     if t not in t_values:
         raise InputError(f"{file}: timepoint {t} does not exist (T indices {t_values})")
+    _check_subblock_ids(file, sorted(int(e.file_position) for e, *_ in entries))
     tiles: dict[tuple[int, int], dict[int, list[tuple[Any, dict, np.dtype, int]]]] = {}
     for entry, dims, dtype, samples in entries:
         if dims.get("T", (0, 1, 1))[0] != t:

@@ -22,7 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
-from .images import open_tile
+from .images import _quiet_tifffile, open_tile
+from .library_logs import TIFFFILE_LOG
+from .listing import visible_files
+from .paths import os_error_message
 from .positions import read_positions, read_positions_csv, read_tile_configuration
 from .tileset import TileSet, tileset_from_positions
 
@@ -39,17 +42,29 @@ def _head(path: Path, n: int = 4096) -> bytes:
         with open(path, "rb") as fh:
             return fh.read(n)
     except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise InputError(f"{path}: {os_error_message('input', exc, path)}") from None
 
 
 def _is_ome_tiff(path: Path) -> bool:
     import tifffile
 
+    # tifffile's warnings about a damaged file are held back: the reader reports them
+    with _quiet_tifffile(), TIFFFILE_LOG.capture():
+        try:
+            with tifffile.TiffFile(path, is_ome=False) as tif:
+                return bool(len(tif.pages)) and "<OME" in (tif.pages[0].description or "")
+        except Exception:  # not a readable TIFF: let the positions reader explain
+            return False
+
+
+def _check_exists(p: Path) -> None:
+    """Raise the InputError for an input path that cannot be reached (missing, link loop)."""
     try:
-        with tifffile.TiffFile(path, is_ome=False) as tif:
-            return bool(len(tif.pages)) and "<OME" in (tif.pages[0].description or "")
-    except Exception:  # not a readable TIFF: let the positions reader explain
-        return False
+        os.stat(p)
+    except OSError as exc:
+        plain = isinstance(exc, FileNotFoundError) and not os.path.islink(p)
+        problem = "no such file or folder" if plain else os_error_message("input", exc, p)
+        raise InputError(f"{p}: {problem}") from None
 
 
 def detect_format(path: str | os.PathLike[str], *, grid: object = None) -> str:
@@ -70,14 +85,12 @@ def detect_format(path: str | os.PathLike[str], *, grid: object = None) -> str:
     ('csv', 'grid')
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
+    _check_exists(p)
     if p.is_dir():
         if grid is not None:
             return "grid"
-        for _root, _dirs, names in os.walk(p):
-            if any(n.lower().endswith((".ome.tif", ".ome.tiff")) for n in names):
-                return "ome-tiff"
+        if any(f.name.lower().endswith((".ome.tif", ".ome.tiff")) for f in visible_files(p)):
+            return "ome-tiff"
         raise InputError(
             f"{p}: folder without OME-TIFF files; for a folder of plain images give "
             "--grid ROWSxCOLS (and --overlap), or pass a positions file, dataset.xml or .czi"
@@ -168,8 +181,7 @@ def list_timepoints(
     ([0], [0])
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
+    _check_exists(p)
     fmt = _checked_format(p, format, grid, overlap, pattern, illumination)
     if fmt in _SINGLE_TIMEPOINT:
         return [0]

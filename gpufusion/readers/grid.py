@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from .images import open_tile
+from .listing import is_gpufusion_output, visible_files
 from .tileset import TileSet, tileset_from_positions
 
 __all__ = ["IMAGE_SUFFIXES", "natural_key", "parse_grid", "read_grid"]
@@ -120,14 +121,10 @@ def _files_by_pattern(
 ) -> dict[tuple[int, int], Path]:
     regex, fields = _pattern_regex(pattern)
     found: list[tuple[dict[str, int], Path]] = []
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        for name in names:
-            rel = (Path(root) / name).relative_to(folder).as_posix()
-            match = regex.match(rel)
-            if match:
-                found.append(({k: int(v) for k, v in match.groupdict().items()},
-                              Path(root) / name))
+    for path in visible_files(folder):  # hidden files and gpufusion's outputs skipped
+        match = regex.match(path.relative_to(folder).as_posix())
+        if match and not is_gpufusion_output(path):
+            found.append(({k: int(v) for k, v in match.groupdict().items()}, path))
     if len(found) != rows * cols:
         raise InputError(
             f"{folder}: grid {rows}x{cols} needs {rows * cols} tiles but {len(found)} files "
@@ -161,8 +158,9 @@ def _files_by_pattern(
 
 
 def _files_in_order(folder: Path, rows: int, cols: int, order: str) -> dict[tuple[int, int], Path]:
-    files = sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)),
+    files = sorted(  # hidden files and gpufusion's outputs are no tiles
+        (p for p in visible_files(folder, recursive=False)
+         if p.name.lower().endswith(IMAGE_SUFFIXES) and not is_gpufusion_output(p)),
         key=lambda p: natural_key(p.name),
     )
     if len(files) != rows * cols:

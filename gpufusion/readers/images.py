@@ -4,14 +4,15 @@
 supported single-channel 2D ``YX`` or 3D ``ZYX`` image, not empty) from its header only,
 and returns a source whose :meth:`read` loads pixels lazily:
 
-* :class:`MemmapTiffSource` for uncompressed TIFFs whose pixels lie contiguously in the
-  file: reads memory-map the file, so a window touches only its own bytes.
+* :class:`ContiguousTiffSource` for uncompressed TIFFs whose pixels lie contiguously in
+  the file: a read reads only the rows of its window, with ``pread`` (never a memory map,
+  so a file truncated during a run is an error naming it, not a ``SIGBUS``).
 * :class:`DecodedTileSource` for everything else (compressed or tiled TIFFs, PNG, JPEG):
   the first read decodes the whole tile into a process-wide LRU cache bounded in bytes
   (1 GiB by default, see :func:`set_tile_cache_bytes`); later windows are views of it.
   Threads asking for the same tile wait for one decode.
 
-Arrays returned by ``read`` are **read-only** views (of the memory map or of the cached
+Arrays returned by ``read`` are **read-only** (views of the rows read or of the cached
 tile); copy them before modifying. Sources hold only the path and header facts, so
 pickling one is cheap and an unpickled source reads in any process.
 
@@ -28,6 +29,7 @@ import contextlib
 import logging
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,12 +38,16 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from gpufusion.errors import InputError
+from gpufusion.readers.library_logs import TIFFFILE_LOG
+from gpufusion.readers.paths import os_error_message
+from gpufusion.readers.tiff_bounds import check_contiguous, check_segments
 from gpufusion.sources import Window
 
 __all__ = [
     "CachedTileSource",
     "PlanewiseSource",
     "DecodedTileSource",
+    "ContiguousTiffSource",
     "MemmapTiffSource",
     "TileCacheInfo",
     "clear_tile_cache",
@@ -55,9 +61,12 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"  # chunk type + CRC of the closing chunk
 _PNG_TAIL_BYTES = 4096
 _DEFAULT_CACHE_BYTES = 1 << 30
-_MAX_MAPPED_FILES = 128  # each memory map holds a file descriptor
+_MAX_OPEN_FILES = 128  # file descriptors kept open for uncompressed tiles
 _Z_AXES = "ZQI"  # depth, "other" and generic image sequences count as Z
 _OME_INDEX_MESSAGE = "OME series contains invalid TiffData index"
+#: Pixel types a tile file may hold (bool, complex, object or string pixels are refused).
+PIXEL_TYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+               "float16", "float32", "float64")
 
 
 def _one_line(text: str) -> str:
@@ -72,7 +81,8 @@ def _fail(path: Path | str, message: str) -> InputError:
 # Leica Matrix Screener OME-TIFFs carry TiffData indices that tifffile rejects with a
 # logged warning before falling back to reading the page itself, which is right for them.
 # The filter drops only that message, only while this module is talking to tifffile on
-# the current thread.
+# the current thread. Inside ``_tifffile_checked`` every other message tifffile logs about
+# a tile file becomes one InputError naming it (see :mod:`.library_logs`).
 
 _quiet_state = threading.local()
 
@@ -94,6 +104,20 @@ def _quiet_tifffile() -> Iterator[None]:
         yield
     finally:
         _quiet_state.depth -= 1
+
+
+@contextlib.contextmanager
+def _tifffile_checked(path: Path) -> Iterator[None]:
+    """Talk to tifffile quietly: what it logs about ``path`` becomes one InputError.
+
+    An exception raised inside the block wins (it says more than a warning before it).
+    """
+    with _quiet_tifffile(), TIFFFILE_LOG.capture() as captured:
+        yield
+    messages = [m for m in captured if _OME_INDEX_MESSAGE not in m]
+    if messages:
+        more = f" (and {len(messages) - 1} more warnings)" if len(messages) > 1 else ""
+        raise _fail(path, f"damaged TIFF: {messages[0]}{more}")
 
 
 # --- caches -------------------------------------------------------------------------------
@@ -199,39 +223,55 @@ class _TileCache:
             )
 
 
-class _MappedFiles:
-    """Thread-safe LRU of read-only memory maps, bounded in count (file descriptors)."""
+class _OpenFile:
+    """A read-only file descriptor, closed when the last reference to it goes.
+
+    A read holds a reference while it runs, so a descriptor dropped from the cache by
+    another thread is never closed (or its number reused) under that read.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+class _OpenFiles:
+    """Thread-safe LRU of open tile files, bounded in count (file descriptors)."""
 
     def __init__(self, max_files: int) -> None:
         self._lock = threading.Lock()
-        self._maps: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._files: OrderedDict[tuple[Any, ...], _OpenFile] = OrderedDict()
         self._max_files = max_files
 
-    def get(self, key: tuple[Any, ...], open_map: Callable[[], np.ndarray]) -> np.ndarray:
+    def get(self, key: tuple[Any, ...], open_file: Callable[[], _OpenFile]) -> _OpenFile:
         with self._lock:
-            array = self._maps.get(key)
-            if array is not None:
-                self._maps.move_to_end(key)
-                return array
-            array = open_map()
-            self._maps[key] = array
-            while len(self._maps) > self._max_files:
-                self._maps.popitem(last=False)  # views already handed out stay valid
-            return array
+            handle = self._files.get(key)
+            if handle is not None:
+                self._files.move_to_end(key)
+                return handle
+            handle = open_file()
+            self._files[key] = handle
+            while len(self._files) > self._max_files:
+                self._files.popitem(last=False)  # reads under way keep theirs open
+            return handle
 
     def clear(self) -> None:
         with self._lock:
-            self._maps.clear()
+            self._files.clear()
 
 
 _TILE_CACHE = _TileCache(_DEFAULT_CACHE_BYTES)
-_MAPPED_FILES = _MappedFiles(_MAX_MAPPED_FILES)
+_OPEN_FILES = _OpenFiles(_MAX_OPEN_FILES)
 
 
 def set_tile_cache_bytes(n: int) -> None:
     """Bound the process-wide cache of decoded tiles to ``n`` bytes.
 
-    Tiles that are not memory-mappable (compressed TIFF, PNG, JPEG) are decoded whole
+    Tiles that cannot be read in place (compressed TIFF, PNG, JPEG) are decoded whole
     once and kept in this cache; the least recently used are dropped beyond the bound.
     A tile larger than the bound is decoded again for every read. ``0`` disables caching.
 
@@ -275,7 +315,7 @@ def tile_cache_info() -> TileCacheInfo:
 
 
 def clear_tile_cache() -> None:
-    """Drop every cached decoded tile and memory map, and reset the hit/miss counters.
+    """Drop every cached decoded tile and open tile file, and reset the hit/miss counters.
 
     Arrays already returned by ``read`` stay valid.
 
@@ -286,7 +326,7 @@ def clear_tile_cache() -> None:
     0
     """
     _TILE_CACHE.clear()
-    _MAPPED_FILES.clear()
+    _OPEN_FILES.clear()
 
 
 # --- sources ------------------------------------------------------------------------------
@@ -317,7 +357,7 @@ class _FileSource:
         try:
             st = self.path.stat()
         except OSError as exc:
-            raise _fail(self.path, f"cannot read tile file ({exc.strerror or exc})") from None
+            raise _fail(self.path, os_error_message("tile file", exc, self.path)) from None
         if (st.st_size, st.st_mtime_ns) != self._stamp:
             raise _fail(self.path, "tile file changed since it was opened; open it again")
 
@@ -331,12 +371,15 @@ class _FileSource:
         )
 
 
-class MemmapTiffSource(_FileSource):
-    """An uncompressed, contiguous TIFF tile read through a read-only memory map.
+class ContiguousTiffSource(_FileSource):
+    """An uncompressed TIFF tile whose pixels lie contiguously in the file, read in place.
 
-    Created by :func:`open_tile`. ``read(window)`` returns a read-only view of the
-    mapped file (a converted copy for non-native byte order), so only the window's
-    bytes are read from disk. Pickles as the path plus header facts.
+    Created by :func:`open_tile`. ``read(window)`` reads the rows the window spans, one
+    ``pread`` per Z plane (one for all of them when the window spans whole planes), and
+    returns a read-only view of them, so a window reads little more than its own bytes
+    (whole rows) and nothing is decoded or cached but the open file. Reads never touch a
+    memory map: a file truncated while a run reads it is an :class:`InputError` naming
+    it, not a ``SIGBUS`` that kills the process. Pickles as the path plus header facts.
 
     Examples
     --------
@@ -345,7 +388,7 @@ class MemmapTiffSource(_FileSource):
     >>> tifffile.imwrite(path, np.arange(12, dtype=np.uint16).reshape(3, 4))
     >>> src = open_tile(path)
     >>> type(src).__name__, src.read((slice(1, 3), slice(0, 2))).tolist()
-    ('MemmapTiffSource', [[4, 5], [8, 9]])
+    ('ContiguousTiffSource', [[4, 5], [8, 9]])
     """
 
     def __init__(
@@ -362,24 +405,70 @@ class MemmapTiffSource(_FileSource):
         self.offset = offset
         self.file_dtype = file_dtype
 
-    def _open_map(self) -> np.ndarray:
+    def _open_file(self) -> _OpenFile:
         self._check_unchanged()
         try:
-            mapped = np.memmap(
-                self.path, dtype=self.file_dtype, mode="r", offset=self.offset, shape=self.shape
-            )
-        except (OSError, ValueError) as exc:
-            raise _fail(self.path, f"cannot memory-map tile ({_one_line(exc)})") from None
-        return mapped.view(np.ndarray)
+            return _OpenFile(os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)))
+        except OSError as exc:
+            raise _fail(self.path, os_error_message("tile file", exc, self.path)) from None
+
+    def _read_into(self, handle: _OpenFile, buffer: np.ndarray, position: int) -> None:
+        """Fill ``buffer`` from byte ``position`` of the file; a short file is an error."""
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            n = _pread_into(handle.fd, view[done:], position + done)
+            if n == 0:
+                size = os.fstat(handle.fd).st_size
+                raise _fail(
+                    self.path,
+                    f"tile file is {size} bytes now but its pixels need bytes up to "
+                    f"{position + len(view)}: it was truncated or rewritten after it was opened",
+                )
+            done += n
 
     def read(self, window: Window) -> np.ndarray:
         """Return the pixels in ``window`` as a read-only array (see class docs)."""
-        view = _MAPPED_FILES.get(self._key, self._open_map)[tuple(window)]
-        if not self.file_dtype.isnative:
-            out = view.astype(self.dtype)
-            out.setflags(write=False)
-            return out
-        return view
+        window = tuple(window)
+        window += (slice(None),) * (len(self.shape) - len(window))
+        height, width = self.shape[-2:]
+        zs = range(*window[0].indices(self.shape[0])) if len(self.shape) == 3 else range(1)
+        ys = range(*window[-2].indices(height))
+        xs = window[-1]
+        if not zs or not ys or not range(*xs.indices(width)):
+            out = np.empty((len(zs), len(ys), len(range(*xs.indices(width)))), self.dtype)
+        else:
+            lo, hi = min(ys), max(ys) + 1
+            row_bytes = width * self.file_dtype.itemsize
+            plane_bytes = height * row_bytes
+            buffer = np.empty((len(zs), hi - lo, width), self.file_dtype)
+            handle = _OPEN_FILES.get(self._key, self._open_file)
+            if hi - lo == height and zs.step == 1:  # whole planes: one read
+                self._read_into(handle, buffer, self.offset + zs.start * plane_bytes)
+            else:
+                for i, z in enumerate(zs):
+                    self._read_into(handle, buffer[i], self.offset + z * plane_bytes
+                                    + lo * row_bytes)
+            if not self.file_dtype.isnative:
+                buffer = buffer.byteswap(inplace=True).view(self.dtype)
+            rows = slice(ys.start - lo, ys.stop - lo if ys.step > 0 else None, ys.step)
+            out = buffer[:, rows, xs]
+        out = out if len(self.shape) == 3 else out[0]
+        out.setflags(write=False)
+        return out
+
+
+#: The former name of :class:`ContiguousTiffSource` (it used to memory-map the file).
+MemmapTiffSource = ContiguousTiffSource
+
+
+def _pread_into(fd: int, view: memoryview, position: int) -> int:
+    """Read into ``view`` from byte ``position`` of ``fd`` without moving a file offset."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], position)
+    data = os.pread(fd, len(view), position)
+    view[: len(data)] = data
+    return len(data)
 
 
 class CachedTileSource(_FileSource):
@@ -505,12 +594,18 @@ class DecodedTileSource(CachedTileSource):
                 import tifffile
 
                 flags = {"is_ome": False} if self.decoder == "tiff-local" else {}
-                with _quiet_tifffile(), tifffile.TiffFile(self.path, **flags) as tif:
-                    array = tif.series[0].asarray()
+                with _tifffile_checked(self.path), tifffile.TiffFile(self.path, **flags) as tif:
+                    series = tif.series[0]
+                    if int(np.prod(series.shape)) != int(np.prod(self.shape)):  # never allocate
+                        raise _fail(self.path, f"TIFF series 0 is {series.shape} now but was "
+                                    f"{self.shape} when opened; open it again")
+                    array = series.asarray()
             else:
                 import imageio.v3 as iio
 
                 array = iio.imread(self.path, plugin="pillow")
+        except InputError:
+            raise
         except Exception as exc:  # any decoder failure is a bad file
             raise _fail(
                 self.path, f"cannot decode image ({type(exc).__name__}: {_one_line(exc)})"
@@ -524,11 +619,11 @@ class DecodedTileSource(CachedTileSource):
 
 
 def _check_dtype(path: Path, dtype: np.dtype | None) -> np.dtype:
-    if dtype is None:
-        raise _fail(path, "pixel type not supported")
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "biuf":
-        raise _fail(path, f"pixel type {dtype} not supported; expected integer or float pixels")
+    dtype = None if dtype is None else np.dtype(dtype)
+    if dtype is None or dtype.kind not in "iuf" or dtype.itemsize > 8:
+        name = "of this file" if dtype is None else str(dtype)
+        raise _fail(path, f"pixel type {name} not supported; expected one of "
+                    f"{', '.join(PIXEL_TYPES)}")
     return dtype.newbyteorder("=") if not dtype.isnative else dtype
 
 
@@ -591,7 +686,7 @@ def _pages_elsewhere(tif: Any, series: Any) -> bool:
 def _inspect_tiff(
     path: Path, file_size: int, ignore_ome: bool
 ) -> tuple[tuple[int, ...], np.dtype, int | None, np.dtype] | None:
-    """Check series 0 of a TIFF; return ``(shape, dtype, memmap offset, file dtype)``.
+    """Check series 0 of a TIFF; return ``(shape, dtype, data offset, file dtype)``.
 
     Returns None when the series takes pages from other files, which happens for
     multi-file OME datasets (and for Leica exports whose OME-XML names the other
@@ -600,6 +695,8 @@ def _inspect_tiff(
     """
     import tifffile
     from tifffile import TIFF
+
+    from gpufusion.readers.tiff_compat import series_dims
 
     flags = {"is_ome": False} if ignore_ome else {}
     try:
@@ -613,7 +710,7 @@ def _inspect_tiff(
             series = tif.series[0]
             if not ignore_ome and _pages_elsewhere(tif, series):
                 return None
-            shape = _squeeze_tiff_axes(path, tuple(series.get_shape(False)), series.get_axes(False))
+            shape = _squeeze_tiff_axes(path, *series_dims(tif, 0))
             dtype = _check_dtype(path, series.dtype)
             _check_size(path, shape)
             keyframe = series.keyframe
@@ -627,15 +724,9 @@ def _inspect_tiff(
                 raise _fail(path, f"TIFF predictor {keyframe.predictor!r} not supported")
             offset = series.dataoffset
             if offset is not None:
-                end = offset + int(np.prod(shape)) * dtype.itemsize
-                if end > file_size:
-                    raise _fail(
-                        path,
-                        f"TIFF is truncated: pixel data end at byte {end}, "
-                        f"file has {file_size} bytes",
-                    )
+                check_contiguous(path, series, dtype, shape, file_size)
             else:
-                _check_segments(path, series)
+                check_segments(path, series, dtype)
             return shape, dtype, offset, np.dtype(tif.byteorder + dtype.char)
         except InputError:
             raise
@@ -647,8 +738,8 @@ def _inspect_tiff(
 
 def _open_tiff(
     path: Path, name: str, stamp: tuple[int, int]
-) -> MemmapTiffSource | DecodedTileSource:
-    with _quiet_tifffile():
+) -> ContiguousTiffSource | DecodedTileSource:
+    with _tifffile_checked(path):
         facts = _inspect_tiff(path, stamp[0], ignore_ome=False)
         local = facts is None
         if facts is None:
@@ -656,36 +747,28 @@ def _open_tiff(
     assert facts is not None  # ignore_ome=True never defers
     shape, dtype, offset, file_dtype = facts
     if offset is not None:
-        return MemmapTiffSource(path, shape, dtype, name, stamp, int(offset), file_dtype)
+        return ContiguousTiffSource(path, shape, dtype, name, stamp, int(offset), file_dtype)
     return DecodedTileSource(path, shape, dtype, name, stamp, "tiff-local" if local else "tiff")
-
-
-def _check_segments(path: Path, series: Any) -> None:
-    """Check every strip/tile of the series lies inside the file it is stored in."""
-    for index, page in enumerate(series):
-        if page is None:
-            continue
-        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-        counts = np.asarray(page.databytecounts, dtype=np.int64)
-        if offsets.size == 0:
-            continue
-        ends = offsets + counts
-        last = int(np.argmax(ends))
-        limit = page.parent.filehandle.size
-        if ends[last] > limit:
-            raise _fail(
-                path,
-                f"TIFF is truncated: page {index} segment {last} ends at byte {int(ends[last])}, "
-                f"file has {limit} bytes",
-            )
 
 
 def _open_pillow(path: Path, name: str, stamp: tuple[int, int], head: bytes) -> DecodedTileSource:
     import imageio.v3 as iio
+    from PIL import Image
 
     try:
-        props = iio.improps(path, plugin="pillow")
+        with warnings.catch_warnings():  # Pillow warns (only) from 1x to 2x its pixel limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            props = iio.improps(path, plugin="pillow")
     except Exception as exc:  # Pillow raises several types for unknown or corrupt files
+        cause = exc.__cause__ or exc.__context__  # imageio wraps Pillow's error
+        if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+            cause = exc
+        if isinstance(cause, Image.DecompressionBombError | Image.DecompressionBombWarning):
+            raise _fail(
+                path,
+                f"refused as a possible decompression bomb: {str(cause).split(', could')[0]} "
+                f"(Pillow's PIL.Image.MAX_IMAGE_PIXELS); save tiles this large as TIFF",
+            ) from None
         raise _fail(
             path,
             f"not a readable image; expected TIFF, PNG, JPEG or another format Pillow "
@@ -718,13 +801,13 @@ def _open_pillow(path: Path, name: str, stamp: tuple[int, int], head: bytes) -> 
 
 def open_tile(
     path: str | os.PathLike[str], *, name: str | None = None
-) -> MemmapTiffSource | DecodedTileSource:
+) -> ContiguousTiffSource | DecodedTileSource:
     """Open an image file as a lazy, picklable tile source.
 
     The header is checked now; pixels are read by ``source.read(window)``.
     TIFF files (recognised by content, any extension) are read with tifffile,
-    series 0 with singleton axes squeezed; uncompressed contiguous ones are
-    memory-mapped (:class:`MemmapTiffSource`), others decoded once into the tile
+    series 0 with singleton axes squeezed; uncompressed contiguous ones are read in
+    place (:class:`ContiguousTiffSource`), others decoded once into the tile
     cache (:class:`DecodedTileSource`). Other files go through imageio's Pillow plugin.
 
     Parameters
@@ -736,7 +819,7 @@ def open_tile(
 
     Returns
     -------
-    MemmapTiffSource or DecodedTileSource
+    ContiguousTiffSource or DecodedTileSource
         A :class:`~gpufusion.sources.TileSource` with ``shape`` (``(y, x)`` or
         ``(z, y, x)``), ``dtype``, ``name`` and ``read``. ``read`` returns read-only
         arrays.
@@ -764,10 +847,8 @@ def open_tile(
             raise _fail(file_path, "not a file")
         with open(file_path, "rb") as fh:
             head = fh.read(16)
-    except FileNotFoundError:
-        raise _fail(file_path, "image file not found") from None
     except OSError as exc:
-        raise _fail(file_path, f"cannot read image file ({exc.strerror or exc})") from None
+        raise _fail(file_path, os_error_message("image file", exc, file_path)) from None
     if not head:
         raise _fail(file_path, "image file is empty (0 bytes)")
     stamp = (int(st.st_size), int(st.st_mtime_ns))
@@ -799,10 +880,8 @@ def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
     file_path = Path(path)
     try:
         st = file_path.stat()
-    except FileNotFoundError:
-        raise _fail(file_path, "image file not found") from None
     except OSError as exc:
-        raise _fail(file_path, f"cannot read image file ({exc.strerror or exc})") from None
+        raise _fail(file_path, os_error_message("image file", exc, file_path)) from None
     if not file_path.is_file():
         raise _fail(file_path, "not a file")
     return int(st.st_size), int(st.st_mtime_ns)

@@ -25,6 +25,7 @@ series (also used for BigStitcher's file-map loader).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -39,6 +40,8 @@ from ..errors import InputError
 from ..layout import translation_affine
 from .grid import natural_key
 from .images import PlanewiseSource, _quiet_tifffile, file_stamp
+from .listing import is_gpufusion_output, visible_files
+from .safe_xml import parse_xml
 from .tileset import TileSet, length_to_um, normalise_pixel_size
 
 __all__ = ["TiffPlanesSource", "ome_tiff_timepoints", "open_tiff_planes", "read_ome_tiff",
@@ -266,6 +269,8 @@ def tiff_series_planes(
     """
     import tifffile
 
+    from .tiff_compat import series_dims
+
     file = Path(path)
     file_stamp(file)
     try:
@@ -276,7 +281,8 @@ def tiff_series_planes(
         if not 0 <= series < len(tif.series):
             raise _file_error(file, f"series {series} does not exist ({len(tif.series)} series)")
         s = tif.series[series]
-        sizes = dict(zip(s.get_axes(False), s.get_shape(False), strict=True))
+        shape, axes = series_dims(tif, series)
+        sizes = dict(zip(axes, shape, strict=True))
         if sizes.get("S", 1) != 1:
             raise _file_error(file, "RGB (multi-sample) TIFF pixels are not supported")
         frame_axes = [(a, n) for a, n in sizes.items() if a not in "YXS"]
@@ -310,14 +316,57 @@ def _children(elem: ET.Element, name: str) -> list[ET.Element]:
     return [e for e in elem if _local(e.tag) == name]
 
 
+#: OME-XML's ``PositiveInt`` and ``NonNegativeInt`` (sizes, indices) are ``xsd:int``.
+_OME_INT_MAX = 2**31 - 1
+
+
 def _number(elem: ET.Element, attr: str, where: str, default: float | None = None) -> Any:
+    """A finite number attribute, or ``default`` when absent."""
     text = elem.get(attr)
     if text is None:
         return default
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise InputError(f"{where}: {attr}={text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise InputError(f"{where}: {attr}={text!r} is not a finite number")
+    return value
+
+
+def _integer(
+    elem: ET.Element, attr: str, where: str, default: int, *, minimum: int = 0,
+    maximum: int | None = _OME_INT_MAX,
+) -> int:
+    """A whole-number attribute (OME ``NonNegativeInt``/``PositiveInt``), range-checked."""
+    text = elem.get(attr)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        number = _number(elem, attr, where)
+        if not float(number).is_integer():
+            raise InputError(f"{where}: {attr}={text!r} is not a whole number") from None
+        value = int(number)
+    if value < minimum or (maximum is not None and value > maximum):
+        expected = f"{minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+        raise InputError(f"{where}: {attr}={text!r} is out of range (expected {expected})")
+    return value
+
+
+def _length_um(elem: ET.Element, attr: str, where: str, *, metres: bool = False) -> float | None:
+    """A length attribute in micrometres: its unit is ``<attr>Unit`` (default µm), or metres."""
+    value = _number(elem, attr, where)
+    if value is None:
+        return None
+    if metres:
+        um = value * 1e6
+    else:
+        um = length_to_um(value, elem.get(f"{attr}Unit"), f"{where} {attr}Unit")
+    if not math.isfinite(um):
+        raise InputError(f"{where}: {attr}={elem.get(attr)!r} is out of range in micrometres")
+    return um
 
 
 @dataclass
@@ -355,45 +404,31 @@ class _PageCounts:
         return self._counts[path]
 
 
-def _plane_order(order: str) -> list[str]:
+def _plane_order(order: str, where: str) -> list[str]:
     """Axes from fastest to slowest varying among Z, C, T (``XYZCT`` -> ``Z, C, T``)."""
     axes = [a for a in order.upper() if a in "ZCT"]
     if sorted(axes) != ["C", "T", "Z"]:
-        raise InputError(f"DimensionOrder {order!r} is not a permutation of XY + ZCT")
+        raise InputError(f"{where}: DimensionOrder {order!r} is not a permutation of XY + ZCT")
     return axes
 
 
-def _parse_image(image: ET.Element, xml_file: Path, counts: _PageCounts) -> _Image:
-    where = f"{xml_file}: Image {image.get('ID', '?')}"
-    pixels = next(iter(_children(image, "Pixels")), None)
-    if pixels is None:
-        raise InputError(f"{where}: no Pixels element")
-    sizes = {}
-    for axis in "XYZCT":
-        value = _number(pixels, f"Size{axis}", where, 1.0)
-        sizes[axis.lower()] = int(value)
-    physical: dict[str, float | None] = {}
-    for axis in "XYZ":
-        value = _number(pixels, f"PhysicalSize{axis}", where)
-        if value is not None and value > 0:
-            value = length_to_um(value, pixels.get(f"PhysicalSize{axis}Unit"),
-                                 f"{where} PhysicalSize{axis}Unit")
-        physical[axis.lower()] = value if value else None
-    fast_to_slow = _plane_order(pixels.get("DimensionOrder", "XYZCT"))
-    tiffdata = _children(pixels, "TiffData")
-    # TiffData may name channels beyond SizeC (Leica: SizeC=1 with a FirstC=1 in another
-    # file); grow the sizes to cover every plane the TiffData claim.
-    for td in tiffdata:
-        for axis in "ZCT":
-            first = int(_number(td, f"First{axis}", where, 0.0))
-            sizes[axis.lower()] = max(sizes[axis.lower()], first + 1)
-    dims = [sizes[a.lower()] for a in fast_to_slow]
-    total = int(np.prod(dims))
+def _tiffdata_planes(
+    tiffdata: list[ET.Element], xml_file: Path, counts: _PageCounts, where: str,
+    fast_to_slow: list[str], dims: list[int],
+) -> dict[tuple[int, int, int], tuple[Path, int]]:
+    """Map ``(c, z, t)`` to ``(file, IFD)`` from an Image's TiffData elements.
+
+    Bounded by what the files hold: a ``PlaneCount`` above the IFDs left in its file from
+    ``IFD`` on is refused, and planes past ``SizeZ x SizeC x SizeT`` are ignored, so the
+    work is at most one entry per IFD whatever the metadata claims.
+    """
+    total = math.prod(dims)
 
     def unravel(linear: int) -> tuple[int, int, int]:
-        idx = dict(zip(fast_to_slow, np.unravel_index(linear, dims[::-1], order="C")[::-1],
-                       strict=True))
-        return int(idx["C"]), int(idx["Z"]), int(idx["T"])
+        idx = {}
+        for axis, n in zip(fast_to_slow, dims, strict=True):
+            linear, idx[axis] = divmod(linear, n)
+        return idx["C"], idx["Z"], idx["T"]
 
     planes: dict[tuple[int, int, int], tuple[Path, int]] = {}
     if not tiffdata:
@@ -403,45 +438,73 @@ def _parse_image(image: ET.Element, xml_file: Path, counts: _PageCounts) -> _Ima
         uuid = next(iter(_children(td, "UUID")), None)
         name = uuid.get("FileName") if uuid is not None else None
         file = (xml_file.parent / name) if name else xml_file
-        ifd = int(_number(td, "IFD", where, 0.0))
-        count = _number(td, "PlaneCount", where)
-        if count is None:
+        ifd = _integer(td, "IFD", where, 0)
+        if td.get("PlaneCount") is None:
             count = 1 if td.get("IFD") is not None else counts.get(file, where) - ifd
-        first = {a: int(_number(td, f"First{a}", where, 0.0)) for a in "ZCT"}
+        else:
+            count = _integer(td, "PlaneCount", where, 0, maximum=None)
+            available = max(counts.get(file, where) - ifd, 0) if count > 1 else count
+            if count > available:
+                raise InputError(
+                    f"{where}: TiffData PlaneCount={count} but {file.name} has only "
+                    f"{available} IFD(s) from IFD {ifd} on"
+                )
         start = 0
         for axis, dim in zip(reversed(fast_to_slow), reversed(dims), strict=True):
-            start = start * dim + first[axis]
-        for k in range(int(count)):
-            if start + k < total:
-                planes.setdefault(unravel(start + k), (file, ifd + k))
+            start = start * dim + _integer(td, f"First{axis}", where, 0)
+        for k in range(max(min(count, total - start), 0)):
+            planes.setdefault(unravel(start + k), (file, ifd + k))
+    return planes
+
+
+def _parse_image(image: ET.Element, xml_file: Path, counts: _PageCounts) -> _Image:
+    where = f"{xml_file}: Image {image.get('ID', '?')}"
+    pixels = next(iter(_children(image, "Pixels")), None)
+    if pixels is None:
+        raise InputError(f"{where}: no Pixels element")
+    sizes = {a.lower(): _integer(pixels, f"Size{a}", where, 1, minimum=1) for a in "XYZCT"}
+    physical: dict[str, float | None] = {}
+    for axis in "XYZ":
+        value = _length_um(pixels, f"PhysicalSize{axis}", where)
+        if value is not None and value < 0:
+            raise InputError(f"{where}: PhysicalSize{axis}={pixels.get(f'PhysicalSize{axis}')!r} "
+                             "is negative")
+        physical[axis.lower()] = value or None  # 0 (Leica's PhysicalSizeZ): not given
+    fast_to_slow = _plane_order(pixels.get("DimensionOrder", "XYZCT"), where)
+    tiffdata = _children(pixels, "TiffData")
+    # TiffData may name channels beyond SizeC (Leica: SizeC=1 with a FirstC=1 in another
+    # file); grow the sizes to cover every plane the TiffData claim.
+    for td in tiffdata:
+        for axis in "ZCT":
+            first = _integer(td, f"First{axis}", where, 0)
+            sizes[axis.lower()] = max(sizes[axis.lower()], first + 1)
+    dims = [sizes[a.lower()] for a in fast_to_slow]
+    planes = _tiffdata_planes(tiffdata, xml_file, counts, where, fast_to_slow, dims)
     positions: dict[tuple[int, int, int], dict[str, float]] = {}
-    for plane in _children(pixels, "Plane"):
-        key = tuple(int(_number(plane, f"The{a}", where, 0.0)) for a in "CZT")
+    for k, plane in enumerate(_children(pixels, "Plane")):
+        at = f"{where} Plane {k}"
+        key = tuple(_integer(plane, f"The{a}", at, 0) for a in "CZT")
         pos: dict[str, float] = {}
         for axis in "XYZ":
-            value = _number(plane, f"Position{axis}", where)
+            value = _length_um(plane, f"Position{axis}", at)
             if value is not None:
-                pos[axis.lower()] = length_to_um(
-                    value, plane.get(f"Position{axis}Unit"), f"{where} Position{axis}Unit"
-                )
+                pos[axis.lower()] = value
         stage = next(iter(_children(plane, "StagePosition")), None)
         if not pos and stage is not None:
             # OME 2008-09 StagePosition: Leica LAS AF writes metres.
             for axis in "XYZ":
-                value = _number(stage, f"Position{axis}", where)
+                value = _length_um(stage, f"Position{axis}", f"{at} StagePosition", metres=True)
                 if value is not None:
-                    pos[axis.lower()] = value * 1e6
+                    pos[axis.lower()] = value
         if pos:
             positions[key] = pos  # type: ignore[index]
     label_elem = next(iter(_children(image, "StageLabel")), None)
     stage_label: dict[str, float] = {}
     if label_elem is not None:
         for axis in "XYZ":
-            value = _number(label_elem, axis, where)
+            value = _length_um(label_elem, axis, f"{where} StageLabel")
             if value is not None:
-                stage_label[axis.lower()] = length_to_um(
-                    value, label_elem.get(f"{axis}Unit"), f"{where} StageLabel {axis}Unit"
-                )
+                stage_label[axis.lower()] = value
     names = [ch.get("Name") or "" for ch in _children(pixels, "Channel")]
     first_file = planes.get((0, 0, 0), (xml_file, 0))[0]
     return _Image(
@@ -462,11 +525,7 @@ def _images_in_file(path: Path, counts: _PageCounts) -> list[_Image]:
         raise InputError(f"{path}: not a readable TIFF ({' '.join(str(exc).split())})") from None
     if "<OME" not in description:
         raise InputError(f"{path}: no OME-XML metadata in the first page; not an OME-TIFF")
-    try:
-        root = ET.fromstring(description)
-    except ET.ParseError as exc:
-        line, col = exc.position
-        raise InputError(f"{path}: corrupt OME-XML (line {line}, column {col})") from None
+    root = parse_xml(description, path, "OME-XML")
     images = [e for e in root if _local(e.tag) == "Image"]
     if not images:
         if any(_local(e.tag) == "BinaryOnly" for e in root):
@@ -479,16 +538,23 @@ def _images_in_file(path: Path, counts: _PageCounts) -> list[_Image]:
 
 
 def _list_files(path: Path) -> list[Path]:
+    """The OME-TIFF tiles of a folder (and its sub-folders), or ``[path]`` for a file.
+
+    Hidden files and folders and gpufusion's own outputs are skipped
+    (:mod:`gpufusion.readers.listing`): an output written beside the tiles, or the
+    temporary folder of one being written, is never read as a tile.
+    """
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise InputError(f"{path}: no such file or folder")
-    files = []
-    for root, dirs, names in os.walk(path):
-        dirs.sort()
-        files += [Path(root) / n for n in names if n.lower().endswith(_OME_SUFFIXES)]
+    candidates = [p for p in visible_files(path) if p.name.lower().endswith(_OME_SUFFIXES)]
+    files = [p for p in candidates if not is_gpufusion_output(p)]
     if not files:
-        raise InputError(f"{path}: no OME-TIFF files (*.ome.tif, *.ome.tiff) in this folder")
+        skipped = len(candidates)
+        why = f" ({skipped} written by gpufusion, skipped)" if skipped else ""
+        raise InputError(f"{path}: no OME-TIFF files (*.ome.tif, *.ome.tiff) in this "
+                         f"folder{why}")
     return sorted(files, key=lambda p: natural_key(p.relative_to(path).as_posix()))
 
 
@@ -559,7 +625,9 @@ def ome_tiff_timepoints(path: str | os.PathLike[str]) -> list[int]:
     """
     _, groups = _images_and_groups(Path(path))
     n = min(g[0].sizes["t"] for g in groups)
-    return [t for t in range(n) if all(_has_timepoint(g, t) for g in groups)]
+    # Only indices some plane is stored for can qualify: never loop over SizeT itself.
+    stored = sorted({key[2] for g in groups for img in g for key in img.planes})
+    return [t for t in stored if t < n and all(_has_timepoint(g, t) for g in groups)]
 
 
 def _tile_position(img: _Image, timepoint: int, where: str) -> dict[str, float]:
@@ -631,23 +699,19 @@ def read_ome_tiff(
         )
     ndim = 3 if any(img.sizes["z"] > 1 for img in images) else 2
     override = normalise_pixel_size(pixel_size, ndim, root)
-    sources: list[list[Any]] = [[] for _ in range(n_channels.pop())]
+    per_tile: list[list[Any]] = []  # [tile][channel]: sized by the planes found, not SizeC
     names, spacing, raw_positions = [], [], []
     for group in groups:
         first = group[0]
         where = f"{first.key[0]} ({first.label})"
         if not 0 <= t < first.sizes["t"]:
             raise InputError(f"{where}: timepoint {t} does not exist (SizeT={first.sizes['t']})")
-        c_out = 0
+        channels: list[Any] = []
         for img in group:
             for c in range(img.sizes["c"]):
-                planes = []
-                for z in range(img.sizes["z"]):
-                    if (c, z, t) not in img.planes:
-                        raise InputError(f"{where}: no TIFF page for C={c} Z={z} T={t}")
-                    planes.append(img.planes[(c, z, t)])
-                sources[c_out].append(open_tiff_planes(planes, name=f"{img.label} C{c_out}"))
-                c_out += 1
+                planes = [_stored_plane(img, (c, z, t), where) for z in range(img.sizes["z"])]
+                channels.append(open_tiff_planes(planes, name=f"{img.label} C{len(channels)}"))
+        per_tile.append(channels)
         sizes = tuple(first.physical[a] for a in "zyx"[3 - ndim:])
         if override is not None:
             sizes = override
@@ -668,6 +732,7 @@ def read_ome_tiff(
                 "must share one pixel size"
             )
     pos_um = np.array(raw_positions, dtype=np.float64)
+    _check_in_range(pos_um, names, ref)
     if ndim == 3 and ref[0] is None:  # no PhysicalSizeZ: taken as isotropic (= X)
         if np.ptp(pos_um[:, 0]) > 0:
             raise InputError(
@@ -678,10 +743,38 @@ def read_ome_tiff(
     scale = np.array([s if s is not None else 1.0 for s in ref])
     pixels = (pos_um - pos_um.min(axis=0)) / scale
     affines = np.stack([translation_affine(p) for p in pixels])
+    sources = [list(tiles) for tiles in zip(*per_tile, strict=True)]
     channel_names = _channel_names(groups[0], len(sources))
     tiles = TileSet(sources, affines, names, channel_names,
                     tuple(float(s) for s in scale), "micrometer", root)
     return tiles if channel is None else tiles.select_channel(channel)
+
+
+def _stored_plane(img: _Image, key: tuple[int, int, int], where: str) -> tuple[Path, int]:
+    """The ``(file, IFD)`` of plane ``(c, z, t)``; the first missing one ends the read, so
+    sizes claimed beyond the stored planes cost one look-up, not a loop over them."""
+    if key not in img.planes:
+        c, z, t = key
+        raise InputError(
+            f"{where}: no TIFF page for C={c} Z={z} T={t} (SizeC={img.sizes['c']}, "
+            f"SizeZ={img.sizes['z']}, SizeT={img.sizes['t']}; the TiffData locate "
+            f"{len(img.planes)} plane(s))"
+        )
+    return img.planes[key]
+
+
+def _check_in_range(pos_um: np.ndarray, names: list[str], spacing: Sequence[Any]) -> None:
+    """Refuse stage positions whose spread in pixels overflows float64; name the tile."""
+    scale = np.array([s if s is not None else 1.0 for s in spacing])
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = (pos_um - pos_um.min(axis=0)) / scale
+    if np.isfinite(spread).all():
+        return
+    k = int(np.argmax(np.abs(pos_um).max(axis=1)))
+    raise InputError(
+        f"{names[k]}: stage position {pos_um[k].tolist()} µm (index order) is out of range "
+        f"for pixels of {[float(s) for s in scale]} µm"
+    )
 
 
 def _tile_name(img: _Image, root: Path, n_tiles: int) -> str:

@@ -61,6 +61,8 @@ from pathlib import Path
 import numpy as np
 
 from gpufusion.errors import InputError
+from gpufusion.readers.listing import visible_files
+from gpufusion.readers.paths import os_error_message
 
 __all__ = [
     "PositionTable",
@@ -166,12 +168,10 @@ def _read_text_lines(path: Path) -> list[str]:
     """Read a positions file as text lines, turning every failure into InputError."""
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise _fail(path, None, "positions file not found") from None
     except IsADirectoryError:
         raise _fail(path, None, "positions file is a directory, expected a text file") from None
     except OSError as exc:
-        raise _fail(path, None, f"cannot read positions file ({exc.strerror or exc})") from None
+        raise _fail(path, None, os_error_message("positions file", exc, path)) from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -189,15 +189,16 @@ def _content_lines(lines: list[str]) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _parse_number(source: Path, line: int, axis: str, text: str) -> float:
-    """Parse one coordinate, which must be a finite number."""
+def _parse_number(source: Path, line: int, axis: str, text: str, tile: str) -> float:
+    """Parse one coordinate of ``tile``, which must be a finite number."""
     text = text.strip()
     try:
         value = float(text)
     except ValueError:
-        raise _fail(source, line, f"{axis} is not a number: {text!r}") from None
+        raise _fail(source, line, f"tile {tile!r}: {axis} is not a number: {text!r}") from None
     if not math.isfinite(value):
-        raise _fail(source, line, f"{axis} is not finite: {text!r}")
+        raise _fail(source, line, f"tile {tile!r}: {axis} is not finite: {text!r}; every "
+                    "position must be a finite number of pixels")
     return value
 
 
@@ -215,12 +216,9 @@ class _TileResolver:
         """Map basename -> sorted files in sub-folders of the base folder (built once)."""
         if self._by_name is None:
             by_name: dict[str, list[Path]] = {}
-            for root, dirs, names in os.walk(self.base):
-                dirs.sort()
-                if Path(root) == self.base:
-                    continue  # files beside the positions file were already tried
-                for name in sorted(names):
-                    by_name.setdefault(name, []).append(Path(root) / name)
+            for path in visible_files(self.base):  # no hidden (temporary) folders
+                if path.parent != self.base:  # files beside the positions file were tried
+                    by_name.setdefault(path.name, []).append(path)
             self._by_name = by_name
         return self._by_name
 
@@ -229,7 +227,15 @@ class _TileResolver:
         candidate = Path(name)
         if not candidate.is_absolute():
             candidate = self.base / candidate
-        if not candidate.exists():
+        try:
+            os.stat(candidate)
+            missing = False
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL
+            missing = True
+        except OSError as exc:  # a symbolic link loop, no permission
+            problem = os_error_message(f"tile file {name!r}", exc, candidate)
+            raise _fail(self.source, line, f"{problem} ({str(candidate)!r})") from None
+        if missing:
             bare = Path(name).name == name and not Path(name).is_absolute()
             found = self._index().get(name, []) if (bare and self.search_subfolders) else []
             if not found:
@@ -399,8 +405,9 @@ def read_tile_configuration(path: str | os.PathLike[str]) -> PositionTable:
                 number,
                 f"expected {ndim} coordinates ({expected}) for dim = {ndim}, got {len(coords)}",
             )
-        row = [_parse_number(source, number, _AXES[i], c) for i, c in enumerate(coords)]
-        files.append(resolver.resolve(match.group("file").strip(), number))
+        name = match.group("file").strip()
+        row = [_parse_number(source, number, _AXES[i], c, name) for i, c in enumerate(coords)]
+        files.append(resolver.resolve(name, number))
         rows.append(row)
     if ndim is None:
         raise _fail(source, None, "no 'dim = 2' or 'dim = 3' line; not a TileConfiguration file")
@@ -489,7 +496,8 @@ def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
         name = fields[columns["file"]]
         if not name:
             raise _fail(source, number, "empty file name")
-        row = [_parse_number(source, number, axis, fields[columns[axis]]) for axis in _AXES[:ndim]]
+        row = [_parse_number(source, number, axis, fields[columns[axis]], name)
+               for axis in _AXES[:ndim]]
         if "channel" in columns:
             channel = fields[columns["channel"]]
             if not channel:

@@ -105,6 +105,13 @@ class TileSet:
         object.__setattr__(self, "affines", affines)
         if len(self.names) != n:
             raise InputError(f"{self.source}: {len(self.names)} tile names for {n} tiles")
+        finite = np.isfinite(affines).all(axis=(1, 2))
+        if not finite.all():
+            t = int(np.argmin(finite))
+            raise InputError(
+                f"{self.source}: tile {self.names[t]!r} has a non-finite position or transform "
+                f"(translation {affines[t, :-1, -1].tolist()}); positions must be finite numbers"
+            )
         if len(self.channel_names) != len(self.sources):
             raise InputError(
                 f"{self.source}: {len(self.channel_names)} channel names for "
