@@ -82,10 +82,12 @@ def resolve_blend(
     return BlendSpec(mode, w)
 
 
-def ramp_weights(q: np.ndarray, size: float, width: float, mode: str) -> np.ndarray:
-    """1-D blending weight at tile coordinates ``q`` (float64) along one axis, as float32.
+def ramp_weights(q: np.ndarray, size: float, width: float, mode: str,
+                 dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """1-D blending weight at tile coordinates ``q`` (float64) along one axis.
 
-    This is the NumPy twin of ``ramp_weight`` in ``kernels/fuse.cu``.
+    Computed in float64 and returned as ``dtype``, the accumulator dtype (float32, or float64
+    for wide tile dtypes). This is the NumPy twin of ``gf_ramp`` in ``kernels/fuse.cu``.
 
     Examples
     --------
@@ -93,12 +95,12 @@ def ramp_weights(q: np.ndarray, size: float, width: float, mode: str) -> np.ndar
     [0.25, 0.75, 1.0]
     """
     if mode in ("average", "max", "overlay") or width <= 0:
-        return np.ones(q.shape, dtype=np.float32)
+        return np.ones(q.shape, dtype=dtype)
     d = np.minimum(q + 0.5, size - 0.5 - q)
     r = np.minimum(d / width, 1.0)
     if mode == "cosine":
         r = 0.5 - 0.5 * np.cos(np.pi * r)
-    return r.astype(np.float32)
+    return r.astype(dtype, copy=False)
 
 
 def default_blend_width(lo: np.ndarray, hi: np.ndarray, pairs: np.ndarray) -> tuple[float, ...]:

@@ -24,7 +24,7 @@ from .backends.numpy_ref import FusionParams
 from .blend import check_interpolation, default_blend_width, resolve_blend
 from .errors import InputError
 from .layout import Mosaic
-from .plan import ChunkTable, FusionPlan, plan_fusion
+from .plan import ChunkTable, FusionPlan, check_output_size, plan_fusion
 from .sources import TileSource
 from .spatial import overlapping_pairs
 
@@ -48,10 +48,11 @@ def output_dtype(mosaic: Mosaic, dtype: str | np.dtype | None) -> np.dtype:
         return mosaic.dtype
     try:
         out = np.dtype(dtype)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InputError(f"dtype: unknown {dtype!r}; use 'same' or a NumPy dtype name") from exc
-    if out.kind not in "iuf":
-        raise InputError(f"dtype: {out} is not an integer or floating-point type")
+    if out.kind not in "iuf" or out.itemsize > 8:
+        raise InputError(f"dtype: {out} is not an integer or floating-point type of at most "
+                         "64 bits")
     return out
 
 
@@ -85,6 +86,7 @@ def fuse(
     backend: str = "numpy",
     algorithm: str = "auto",
     on_workers: bool = False,
+    allow_sparse: bool = False,
 ) -> da.Array:
     """Fuse a mosaic into one lazy dask array.
 
@@ -113,11 +115,21 @@ def fuse(
         ``cupy``) need not be usable in this process: the graph is built with NumPy
         ``meta`` (no CUDA context in the client), and the tasks return the backend's arrays
         (``cupy.ndarray`` blocks) on the workers.
+    allow_sparse : bool
+        Fuse even when the output would be more than 90 % empty (its pixels more than 10
+        times the summed tile footprint: :func:`gpufusion.plan.check_output_size`), which
+        is otherwise refused, naming the tiles farthest from the others.
 
     Returns
     -------
     dask.array.Array
         Lazy fused image of shape ``mosaic.shape``; nothing is read until it is computed.
+
+    Raises
+    ------
+    InputError
+        For invalid options (``chunks`` not integers >= 1, an unknown mode), and for a
+        sparse output without ``allow_sparse``; all before anything is planned or read.
 
     Examples
     --------
@@ -128,8 +140,12 @@ def fuse(
     >>> fuse(m, chunks=4).compute()[0].tolist()
     [10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
     """
+    if not isinstance(mosaic, Mosaic):
+        raise InputError(f"mosaic: expected a gpufusion Mosaic (see mosaic_from_positions), "
+                         f"got {type(mosaic).__name__}")
     params = fusion_params(mosaic, blend=blend, blend_width=blend_width,
                            interpolation=interpolation, dtype=dtype)
+    check_output_size(mosaic, chunks, allow_sparse=allow_sparse)  # before any planning
     name, meta = _backend_and_meta(backend, on_workers, mosaic.ndim, params.out_dtype)
     plan = plan_fusion(mosaic, chunks)
     tasks = chunk_task_array(plan, mosaic)

@@ -23,8 +23,11 @@ the tile. The tile's pixel centres span ``[0, shape-1]``; in window coordinates 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +40,9 @@ COVER_EPS = 1e-6
 #: Translations within this of an integer are snapped to it, so integer placements are exact
 #: copies and no coordinate ever lands inside the COVER_EPS band by rounding alone.
 SNAP_EPS = 2e-6
+#: An output with more than this many pixels per pixel of tile footprint (summed over the
+#: tiles) is more than 90 % empty: refused unless ``allow_sparse`` (a mistyped position).
+MAX_SPARSITY = 10.0
 
 
 @dataclass(frozen=True)
@@ -121,28 +127,164 @@ class FusionPlan:
                           self.matrix[s], self.offset[s], self.tile_shape[s], self.translation[s])
 
 
-def normalize_chunks(chunks: int | Sequence[int] | Sequence[Sequence[int]],
-                     shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """Chunk sizes per axis from an int, one int per axis, or explicit sizes per axis."""
+ChunkSpec = int | Sequence[int] | Sequence[Sequence[int]]
+
+
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, Sequence | np.ndarray) or isinstance(value, str | bytes) \
+        or (isinstance(value, np.ndarray) and value.ndim == 0)
+
+
+def _chunk_size(value: Any, what: str) -> int:
+    """One chunk size: an integer >= 1 (not a bool, not a float such as 1.5)."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{what}: expected an integer chunk size >= 1, got {value!r}")
+    if int(value) < 1:
+        raise InputError(f"{what}: chunk size must be >= 1, got {int(value)}")
+    return int(value)
+
+
+def chunk_spec(chunks: ChunkSpec, shape: Sequence[int]) -> list[int | tuple[int, ...]]:
+    """Validate ``chunks`` against ``shape`` without expanding it: per axis one chunk size,
+    or the explicit sizes of that axis (which must add up to its length).
+
+    Raises
+    ------
+    InputError
+        Naming ``chunks``, for anything but integers >= 1 in one of the accepted forms.
+    """
     ndim = len(shape)
-    if np.ndim(chunks) == 0:
-        chunks = (int(chunks),) * ndim  # type: ignore[arg-type]
-    chunks = tuple(chunks)  # type: ignore[arg-type]
-    if len(chunks) != ndim:
-        raise InputError(f"chunks: expected 1 or {ndim} values, got {len(chunks)}")
+    if _is_scalar(chunks):
+        return [_chunk_size(chunks, "chunks")] * ndim
+    per_axis = list(chunks)  # type: ignore[arg-type]
+    if len(per_axis) != ndim:
+        raise InputError(f"chunks: expected 1 or {ndim} values, got {len(per_axis)}")
+    out: list[int | tuple[int, ...]] = []
+    for a, (c, n) in enumerate(zip(per_axis, shape, strict=True)):
+        if _is_scalar(c):
+            out.append(_chunk_size(c, f"chunks[{a}]"))
+            continue
+        sizes = tuple(_chunk_size(v, f"chunks[{a}]") for v in c)
+        if sum(sizes) != n:
+            raise InputError(f"chunks: sizes {list(sizes)} do not add up to the axis length {n}")
+        out.append(sizes)
+    return out
+
+
+def count_chunks(chunks: ChunkSpec, shape: Sequence[int]) -> int:
+    """Number of output chunks, computed without expanding the chunk sizes."""
+    return math.prod(len(c) if isinstance(c, tuple) else -(-int(n) // c)
+                     for c, n in zip(chunk_spec(chunks, shape), shape, strict=True))
+
+
+def normalize_chunks(chunks: ChunkSpec, shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Chunk sizes per axis from an int, one int per axis, or explicit sizes per axis."""
     out = []
-    for c, n in zip(chunks, shape, strict=True):
-        if np.ndim(c) == 0:
-            c = int(c)
-            if c < 1:
-                raise InputError(f"chunk size must be >= 1, got {c}")
-            sizes = [c] * (n // c) + ([n % c] if n % c else [])
+    for c, n in zip(chunk_spec(chunks, shape), shape, strict=True):
+        if isinstance(c, tuple):
+            out.append(c)
         else:
-            sizes = [int(v) for v in c]
-            if min(sizes) < 1 or sum(sizes) != n:
-                raise InputError(f"chunks: sizes {sizes} do not add up to the axis length {n}")
-        out.append(tuple(sizes))
+            out.append((c,) * (n // c) + ((n % c,) if n % c else ()))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class OutputEstimate:
+    """The size of a fused output, known before any planning.
+
+    Attributes
+    ----------
+    pixels : int        output pixels (the grid's volume)
+    chunks : int        output chunks
+    footprint : float   summed volume of the transformed tiles, in output pixels
+    """
+
+    pixels: int
+    chunks: int
+    footprint: float
+
+    @property
+    def sparsity(self) -> float:
+        """Output pixels per pixel of tile footprint (10 means the output is 90 % empty)."""
+        return self.pixels / self.footprint if self.footprint > 0 else math.inf
+
+
+def estimate_output(mosaic: Mosaic, chunks: ChunkSpec) -> OutputEstimate:
+    """Output size, chunk count and summed tile footprint of ``mosaic`` fused in ``chunks``.
+
+    A tile's footprint is the volume of its transformed box: ``|det M|`` (the affine's linear
+    part) times its pixel count, so rotated, scaled and 3D tiles count what they cover in
+    output pixels. Overlaps are counted once per tile.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpufusion.layout import mosaic_from_positions
+    >>> e = estimate_output(mosaic_from_positions([np.ones((8, 8))] * 2, [(0, 0), (0, 92)]), 50)
+    >>> e.pixels, e.chunks, e.footprint, e.sparsity
+    (800, 2, 128.0, 6.25)
+    """
+    n_chunks = count_chunks(chunks, mosaic.shape)
+    ndim = mosaic.ndim
+    det = np.abs(np.linalg.det(mosaic.affines[:, :ndim, :ndim]))
+    footprint = float(np.sum(det * np.prod(mosaic.tile_shapes.astype(np.float64), axis=1)))
+    return OutputEstimate(math.prod(mosaic.shape), n_chunks, footprint)
+
+
+def check_output_size(mosaic: Mosaic, chunks: ChunkSpec,
+                      allow_sparse: bool = False) -> OutputEstimate:
+    """Refuse an output more than 90 % empty (:data:`MAX_SPARSITY`), before any planning.
+
+    One mistyped position makes the output grid as large as the distance to the stray tile
+    (10**10 pixels, thousands of chunks, minutes of writing zeros). Unless ``allow_sparse``,
+    such a mosaic is refused with a message that names the tiles farthest from the others
+    (distance of each tile's centre from the median centre, in tile sizes), the output size
+    and the chunk count.
+
+    Raises
+    ------
+    InputError
+        For ``chunks`` that are not valid, or a sparse output without ``allow_sparse``.
+    """
+    est = estimate_output(mosaic, chunks)
+    if allow_sparse or est.sparsity <= MAX_SPARSITY:
+        return est
+    shape = " x ".join(str(n) for n in mosaic.shape)
+    head = (f"output would be {shape} px ({est.pixels:.3g} px in {est.chunks} chunks) but the "
+            f"tiles cover only {100 / est.sparsity:.2g} % of it")
+    tail = "or pass --allow-sparse (allow_sparse=True) to fuse it anyway"
+    lo, hi = mosaic.tile_bounds()
+    box = np.floor(hi.max(axis=0)) - np.floor(lo.min(axis=0)) + 1
+    if float(np.prod(box)) <= MAX_SPARSITY * est.footprint:
+        # the tiles lie close together: the grid itself was set wider than they are
+        raise InputError(
+            f"{head}: the output grid (origin {tuple(int(o) for o in mosaic.origin)}) is wider "
+            f"than the tiles' bounding box ({' x '.join(str(int(n)) for n in box)} px), as "
+            "set by output_shape/origin or Mosaic.with_grid (time points share one grid: a "
+            f"tile of another time point lies far away); check the positions, {tail}"
+        )
+    names = outlying_tiles(mosaic)
+    raise InputError(f"{head}; farthest from the others: {', '.join(names)}; check "
+                     f"{'its position' if len(names) == 1 else 'their positions'}, {tail}")
+
+
+def outlying_tiles(mosaic: Mosaic, limit: int = 3) -> list[str]:
+    """Names (with distances) of the tiles farthest from the others, farthest first.
+
+    The distance of a tile is the largest per-axis distance of its bounding box's centre from
+    the median centre of all tiles, in units of the median tile extent along that axis. The
+    farthest tile is listed, then up to ``limit - 1`` more at least half as far.
+    """
+    lo, hi = mosaic.tile_bounds()
+    centre = (lo + hi) / 2
+    scale = np.maximum(np.median(hi - lo + 1, axis=0), 1.0)
+    dist = np.max(np.abs(centre - np.median(centre, axis=0)) / scale, axis=1)
+    order = np.argsort(-dist, kind="stable")
+    far = [int(i) for i in order[:limit] if dist[i] >= 0.5 * dist[order[0]]]
+    return [f"{mosaic.tiles[i].name} ({dist[i]:.3g} tile sizes from the median position)"
+            for i in far]
 
 
 def snapped_inverse_affines(mosaic: Mosaic) -> tuple[np.ndarray, np.ndarray]:
@@ -162,8 +304,7 @@ def snapped_inverse_affines(mosaic: Mosaic) -> tuple[np.ndarray, np.ndarray]:
     return inv, is_t
 
 
-def plan_fusion(mosaic: Mosaic, chunks: int | Sequence[int] | Sequence[Sequence[int]]
-                ) -> FusionPlan:
+def plan_fusion(mosaic: Mosaic, chunks: ChunkSpec) -> FusionPlan:
     """Plan the fusion of ``mosaic`` into an output chunked as ``chunks``.
 
     Examples

@@ -11,9 +11,12 @@ sources live in :mod:`gpufusion.readers.images`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from .errors import InputError
 
 Window = tuple[slice, ...]
 
@@ -35,7 +38,10 @@ class ArraySource:
     """A tile held in memory as a NumPy array (or anything ``np.asarray`` accepts)."""
 
     def __init__(self, array: Any, name: str = "array") -> None:
-        self.array = np.asarray(array)
+        try:
+            self.array = np.asarray(array)
+        except (TypeError, ValueError) as exc:  # ragged nested lists, unconvertible objects
+            raise InputError(f"{name}: not an array of pixels ({exc})") from None
         self.shape = tuple(int(n) for n in self.array.shape)
         self.dtype = self.array.dtype
         self.name = name
@@ -55,6 +61,11 @@ class DaskSource:
     """
 
     def __init__(self, array: Any, name: str = "dask-array") -> None:
+        if not all(isinstance(n, int | np.integer) or math.isfinite(n) for n in array.shape):
+            raise InputError(
+                f"{name}: dask array of unknown shape {tuple(array.shape)} (NaN chunk sizes); "
+                "call .compute_chunk_sizes() on it first"
+            )
         self.array = array
         self.shape = tuple(int(n) for n in array.shape)
         self.dtype = np.dtype(array.dtype)

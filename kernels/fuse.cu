@@ -1,10 +1,13 @@
 // gpufusion: fuse one output chunk from its tile windows, in one pass.
 //
 // __global__ functions
-//   fuse_chunk<T, U, NDIM, MODE, INTERP>
+//   fuse_chunk<T, U, A, NDIM, MODE, INTERP>
 //       mirrors gpufusion.backends.numpy_ref.fuse_chunk (operation for operation)
-//       T      tile (window) element type: unsigned char, signed char, unsigned short, short, float
-//       U      output element type (T or float)
+//       T      tile (window) element type: unsigned char, signed char, unsigned short, short,
+//              float (accumulated in float); unsigned int, int, unsigned long long, long long,
+//              double (accumulated in double: float cannot hold their values)
+//       U      output element type (T or A)
+//       A      accumulator type (numpy_ref.accumulator_dtype of T): float or double
 //       NDIM   2 or 3
 //       MODE   blend mode code (gpufusion.blend.MODE_CODES): 0 linear, 1 cosine, 2 average,
 //              3 max, 4 overlay
@@ -26,12 +29,14 @@
 //              [2+2*NDIM .. 2+3*NDIM) tile shape
 //   fdesc    k rows of (NDIM*NDIM + NDIM) double: the linear part M of the inverse affine
 //              (row-major), then `offset`, so that q = offset + M @ l (see gpufusion.plan).
+//   keep_single  nonzero: in the ramp modes a pixel one entry alone covers takes its sample
+//              itself, not w * v / w, which can be an ulp off (numpy_ref.keeps_single_samples)
 //
 // Compiled with --std=c++17 (if constexpr) and --fmad=false (the host emulation with
 // -ffp-contract=off), so that every a*b+c stays a rounded multiply then a rounded add, exactly
 // the float32/float64 operations NumPy performs; with contraction, fused multiply-adds would
 // round once and drift from the reference by an ulp here and there. Coordinates and ramps are
-// float64, samples, weights and sums float32, in the reference's order. (CuPy also appends
+// float64, samples, weights and sums of type A, in the reference's order. (CuPy also appends
 // -ftz=true: float32 subnormals, below 1.2e-38, flush to zero; no image value or weight is
 // that small.) The kernel uses no shared memory, atomics or barriers, so it also compiles as
 // plain C++ (tests/host_emulation) and is checked against the NumPy reference without a GPU.
@@ -52,92 +57,119 @@ __device__ __forceinline__ V gf_min(V a, V b) { return b < a ? b : a; }
 template <typename V>
 __device__ __forceinline__ V gf_max(V a, V b) { return a < b ? b : a; }
 
-// Output conversion: integers are rounded half to even and clipped (numpy_ref.cast_output).
+// Output conversion: integers are rounded half to even and clipped (numpy_ref.cast_output)
+// to [lo, hi]: the type's limits, rounded toward zero to a double (numpy_ref.integer_bounds;
+// 8- and 16-bit outputs come from float accumulators, where these limits are exact too).
 template <typename U> struct gf_output;
 template <> struct gf_output<unsigned char> {
     static constexpr bool integral = true;
-    static constexpr float lo = 0.0f, hi = 255.0f;
+    static constexpr double lo = 0.0, hi = 255.0;
 };
 template <> struct gf_output<signed char> {
     static constexpr bool integral = true;
-    static constexpr float lo = -128.0f, hi = 127.0f;
+    static constexpr double lo = -128.0, hi = 127.0;
 };
 template <> struct gf_output<unsigned short> {
     static constexpr bool integral = true;
-    static constexpr float lo = 0.0f, hi = 65535.0f;
+    static constexpr double lo = 0.0, hi = 65535.0;
 };
 template <> struct gf_output<short> {
     static constexpr bool integral = true;
-    static constexpr float lo = -32768.0f, hi = 32767.0f;
+    static constexpr double lo = -32768.0, hi = 32767.0;
+};
+template <> struct gf_output<unsigned int> {
+    static constexpr bool integral = true;
+    static constexpr double lo = 0.0, hi = 4294967295.0;
+};
+template <> struct gf_output<int> {
+    static constexpr bool integral = true;
+    static constexpr double lo = -2147483648.0, hi = 2147483647.0;
+};
+template <> struct gf_output<unsigned long long> {
+    static constexpr bool integral = true;
+    static constexpr double lo = 0.0, hi = 18446744073709549568.0;  // 2**64 - 2048
+};
+template <> struct gf_output<long long> {
+    static constexpr bool integral = true;
+    static constexpr double lo = -9223372036854775808.0, hi = 9223372036854774784.0;
 };
 template <> struct gf_output<float> {
     static constexpr bool integral = false;
-    static constexpr float lo = 0.0f, hi = 0.0f;
+    static constexpr double lo = 0.0, hi = 0.0;
+};
+template <> struct gf_output<double> {
+    static constexpr bool integral = false;
+    static constexpr double lo = 0.0, hi = 0.0;
 };
 
-template <typename U>
-__device__ __forceinline__ U gf_cast_output(float v) {
+// rint in the accumulator's precision (rintf for float, as NumPy's rint of float32)
+__device__ __forceinline__ float gf_rint(float v) { return rintf(v); }
+__device__ __forceinline__ double gf_rint(double v) { return rint(v); }
+
+template <typename U, typename A>
+__device__ __forceinline__ U gf_cast_output(A v) {
     if constexpr (gf_output<U>::integral) {
-        const float r = gf_min(gf_max(rintf(v), gf_output<U>::lo), gf_output<U>::hi);
+        const A r = gf_min(gf_max(gf_rint(v), (A)gf_output<U>::lo), (A)gf_output<U>::hi);
         return (U)r;
     } else {
         return (U)v;
     }
 }
 
-// gpufusion.blend.ramp_weights for one coordinate: t is the tile coordinate (float64).
-template <int MODE>
-__device__ __forceinline__ float gf_ramp(double t, double size, double width) {
+// gpufusion.blend.ramp_weights for one coordinate: t is the tile coordinate (float64); the
+// ramp is computed in double and returned as the accumulator type A.
+template <int MODE, typename A>
+__device__ __forceinline__ A gf_ramp(double t, double size, double width) {
     if (!(width > 0.0)) {
-        return 1.0f;
+        return (A)1;
     }
     const double d = gf_min(t + 0.5, size - 0.5 - t);
     double r = gf_min(d / width, 1.0);
     if (MODE == GF_MODE_COSINE) {
         r = 0.5 - 0.5 * cos(GF_PI * r);
     }
-    return (float)r;
+    return (A)r;
 }
 
 // numpy_ref._sample, nearest: the pixel at floor(q + 0.5), clipped into the window.
-template <typename T, int NDIM>
-__device__ __forceinline__ float gf_sample_nearest(const T* __restrict__ win,
-                                                   const long long* ws, const double* q) {
+template <typename T, typename A, int NDIM>
+__device__ __forceinline__ A gf_sample_nearest(const T* __restrict__ win,
+                                               const long long* ws, const double* q) {
     long long lin = 0;
     for (int d = 0; d < NDIM; ++d) {
         const long long i = gf_min(gf_max((long long)floor(q[d] + 0.5), 0LL), ws[d] - 1);
         lin = lin * ws[d] + i;
     }
-    return (float)win[lin];
+    return (A)win[lin];
 }
 
 // numpy_ref._sample + lerp_corners, linear: corner c has bit (NDIM-1-d) set for the upper
-// neighbour along axis d; the corners are combined last axis first, in float32.
-template <typename T, int NDIM>
-__device__ __forceinline__ float gf_sample_linear(const T* __restrict__ win,
-                                                  const long long* ws, const double* q) {
+// neighbour along axis d; the corners are combined last axis first, in A.
+template <typename T, typename A, int NDIM>
+__device__ __forceinline__ A gf_sample_linear(const T* __restrict__ win,
+                                              const long long* ws, const double* q) {
     long long i0[NDIM], i1[NDIM];
-    float f[NDIM];
+    A f[NDIM];
     for (int d = 0; d < NDIM; ++d) {
         const double fl = floor(q[d]);
         const long long a = gf_min(gf_max((long long)fl, 0LL), ws[d] - 1);
         i0[d] = a;
         i1[d] = gf_min(a + 1, ws[d] - 1);
-        f[d] = (float)(q[d] - fl);
+        f[d] = (A)(q[d] - fl);
     }
-    float v[1 << NDIM];
+    A v[1 << NDIM];
     for (int c = 0; c < (1 << NDIM); ++c) {
         long long lin = 0;
         for (int d = 0; d < NDIM; ++d) {
             const bool up = (c >> (NDIM - 1 - d)) & 1;
             lin = lin * ws[d] + (up ? i1[d] : i0[d]);
         }
-        v[c] = (float)win[lin];
+        v[c] = (A)win[lin];
     }
     int n = 1 << NDIM;
     for (int d = NDIM - 1; d >= 0; --d) {
         n >>= 1;
-        const float g = 1.0f - f[d];
+        const A g = (A)1 - f[d];
         for (int i = 0; i < n; ++i) {
             v[i] = g * v[2 * i] + f[d] * v[2 * i + 1];
         }
@@ -145,11 +177,12 @@ __device__ __forceinline__ float gf_sample_linear(const T* __restrict__ win,
     return v[0];
 }
 
-template <typename T, typename U, int NDIM, int MODE, int INTERP>
+template <typename T, typename U, typename A, int NDIM, int MODE, int INTERP>
 __global__ void fuse_chunk(const T* __restrict__ windows, const long long* __restrict__ idesc,
                            const double* __restrict__ fdesc, long long n_entries,
                            U* __restrict__ out, long long s0, long long s1, long long s2,
-                           double bw0, double bw1, double bw2, double cover_eps) {
+                           double bw0, double bw1, double bw2, double cover_eps,
+                           long long keep_single) {
     static_assert(NDIM == 2 || NDIM == 3, "fuse_chunk: NDIM must be 2 or 3");
     constexpr int ISTRIDE = 2 + 3 * NDIM;
     constexpr int FSTRIDE = NDIM * NDIM + NDIM;
@@ -169,8 +202,9 @@ __global__ void fuse_chunk(const T* __restrict__ windows, const long long* __res
             l[d] = (double)(rest % shape[d]);
             rest /= shape[d];
         }
-        float num = 0.0f, den = 0.0f, val = 0.0f;
+        A num = 0, den = 0, val = 0;
         bool hit = false;
+        [[maybe_unused]] bool multi = false;  // RAMP: a second entry covers the pixel
         for (long long k = 0; k < n_entries; ++k) {
             const long long* id = idesc + k * ISTRIDE;
             const double* fd = fdesc + k * FSTRIDE;
@@ -200,22 +234,25 @@ __global__ void fuse_chunk(const T* __restrict__ windows, const long long* __res
                 continue;
             }
             const T* win = windows + id[0];
-            float v;
+            A v;
             if constexpr (INTERP == GF_INTERP_NEAREST) {
-                v = gf_sample_nearest<T, NDIM>(win, ws, q);
+                v = gf_sample_nearest<T, A, NDIM>(win, ws, q);
             } else {
-                v = gf_sample_linear<T, NDIM>(win, ws, q);
+                v = gf_sample_linear<T, A, NDIM>(win, ws, q);
             }
             if constexpr (RAMP) {
-                float w = gf_ramp<MODE>(q[0] + (double)w0[0], (double)ts[0], width[0]);
+                A w = gf_ramp<MODE, A>(q[0] + (double)w0[0], (double)ts[0], width[0]);
                 for (int d = 1; d < NDIM; ++d) {
-                    w = w * gf_ramp<MODE>(q[d] + (double)w0[d], (double)ts[d], width[d]);
+                    w = w * gf_ramp<MODE, A>(q[d] + (double)w0[d], (double)ts[d], width[d]);
                 }
                 num = num + w * v;
                 den = den + w;
+                multi = multi || hit;  // a second entry: the weighted mean, else v itself
+                hit = true;
+                val = v;
             } else if constexpr (WEIGHTED) {
                 num = num + v;
-                den = den + 1.0f;
+                den = den + (A)1;
             } else if constexpr (MODE == GF_MODE_MAX) {
                 val = hit ? gf_max(val, v) : v;
                 hit = true;
@@ -224,12 +261,14 @@ __global__ void fuse_chunk(const T* __restrict__ windows, const long long* __res
                 hit = true;
             }
         }
-        float result;
-        if constexpr (WEIGHTED) {
-            result = den > 0.0f ? num / den : 0.0f;
+        A result;
+        if constexpr (RAMP) {
+            result = keep_single && hit && !multi ? val : (den > (A)0 ? num / den : (A)0);
+        } else if constexpr (WEIGHTED) {
+            result = den > (A)0 ? num / den : (A)0;
         } else {
-            result = hit ? val : 0.0f;
+            result = hit ? val : (A)0;
         }
-        out[p] = gf_cast_output<U>(result);
+        out[p] = gf_cast_output<U, A>(result);
     }
 }

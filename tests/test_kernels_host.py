@@ -61,12 +61,8 @@ def test_fusion_kernel_matches_reference(host: HostKernels, layout: str, ndim: i
 @pytest.mark.parametrize("layout", ["subpixel", "affine"])
 def test_converted_dtypes_match_reference(host: HostKernels, layout: str,
                                           pair: tuple[str, str]) -> None:
-    """Tile dtypes read as float32 on the host, outputs rounded and clipped after the kernel.
-
-    Compared with the per-pixel reference: it converts every sample to float32 as the kernel
-    does, whereas the reference's slice-based translation path interpolates float64 (and
-    32-bit integer) tiles in float64.
-    """
+    """float16 tiles converted to float32 on the host, outputs of another dtype than the
+    kernel's rounded, clipped and cast after it: against the per-pixel reference."""
     for ndim in (2, 3):
         case = cases.make_case(layout, ndim, "linear", "linear", pair, 77 + ndim)
         cases.check_case(case, host.fuse_chunk, algorithm="general")
@@ -152,8 +148,12 @@ def test_packing_layout_round_trips() -> None:
     ("uint16", "uint16", ("uint16", "uint16")),
     ("uint16", "float32", ("uint16", "float32")),
     ("uint8", "uint16", ("uint8", "float32")),
-    ("float64", "float64", ("float32", "float32")),
-    ("int32", "int32", ("float32", "float32")),
+    ("float64", "float64", ("float64", "float64")),
+    ("float64", "float32", ("float64", "float64")),
+    ("int32", "int32", ("int32", "int32")),
+    ("uint32", "uint16", ("uint32", "float64")),
+    ("int64", "float64", ("int64", "float64")),
+    ("float16", "float16", ("float32", "float32")),
 ])
 def test_kernel_dtype_choice(in_dtype: str, out_dtype: str, expected: tuple[str, str]) -> None:
     assert ck.fusion_kernel_dtypes(in_dtype, out_dtype) == expected

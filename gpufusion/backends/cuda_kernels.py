@@ -38,6 +38,7 @@ import numpy as np
 
 from ..blend import INTERP_CODES, MODE_CODES
 from ..plan import COVER_EPS, ChunkTable
+from .numpy_ref import FusionParams, keeps_single_samples
 
 #: NVRTC options of every kernel. ``--fmad=false`` keeps each ``a * b + c`` a rounded multiply
 #: then a rounded add, as NumPy computes it (a fused multiply-add rounds once and drifts from
@@ -52,13 +53,22 @@ CTYPES = {
     "int16": "short",
     "uint32": "unsigned int",
     "int32": "int",
+    "uint64": "unsigned long long",
+    "int64": "long long",
     "float32": "float",
     "float64": "double",
 }
 
-#: Tile dtypes the fusion kernel reads natively; others are converted to float32 on the host
-#: first (what the reference's per-pixel path does to every sample).
-FUSE_INPUT_DTYPES = ("uint8", "int8", "uint16", "int16", "float32")
+#: Tile dtypes the fusion kernel reads natively, each with its accumulator
+#: (:func:`gpufusion.backends.numpy_ref.accumulator_dtype`): float32 where it holds every
+#: value exactly, float64 for wider integers and float64. Others (float16) are converted to
+#: float32 on the host first, which is exact.
+FUSE_ACCUMULATOR = {
+    "uint8": "float32", "int8": "float32", "uint16": "float32", "int16": "float32",
+    "float32": "float32", "uint32": "float64", "int32": "float64", "uint64": "float64",
+    "int64": "float64", "float64": "float64",
+}
+FUSE_INPUT_DTYPES = tuple(FUSE_ACCUMULATOR)
 #: Dtypes the downsampling kernel handles natively, with the reference's accumulator.
 DOWNSAMPLE_ACCUMULATOR = {
     "uint8": "float32", "int8": "float32", "uint16": "float32", "int16": "float32",
@@ -87,15 +97,21 @@ def kernel_names() -> list[str]:
 def fusion_kernel_dtypes(in_dtype: Any, out_dtype: Any) -> tuple[str, str]:
     """Element types the fusion kernel runs with for these tile and output dtypes.
 
-    Tiles of a dtype the kernel does not read natively are converted to float32 on the host
-    (the reference's per-pixel path converts every sample to float32 too). The kernel
-    writes ``out_dtype`` when it is the tile dtype or float32, else float32, which the
-    caller rounds and clips.
+    Tiles of a dtype the kernel does not read natively (float16) are converted to float32
+    on the host, exactly. The kernel writes ``out_dtype`` when it is the tile dtype or the
+    accumulator's (:data:`FUSE_ACCUMULATOR`), else the accumulator's, which the caller
+    rounds, clips and casts.
+
+    Examples
+    --------
+    >>> fusion_kernel_dtypes("uint32", "uint32"), fusion_kernel_dtypes("uint32", "float32")
+    (('uint32', 'uint32'), ('uint32', 'float64'))
     """
     kin = np.dtype(in_dtype).name
     kin = kin if kin in FUSE_INPUT_DTYPES else "float32"
     out = np.dtype(out_dtype).name
-    kout = out if out in (kin, "float32") else "float32"
+    acc = FUSE_ACCUMULATOR[kin]
+    kout = out if out in (kin, acc) else acc
     return kin, kout
 
 
@@ -104,7 +120,8 @@ def fuse_name_expression(in_dtype: str, out_dtype: str, ndim: int, mode: str,
     """The C++ name of one ``fuse_chunk`` instantiation (a NVRTC name expression)."""
     if ndim not in (2, 3):
         raise ValueError(f"fuse_chunk: ndim must be 2 or 3, got {ndim}")
-    return (f"fuse_chunk<{CTYPES[in_dtype]}, {CTYPES[out_dtype]}, {ndim}, "
+    acc = CTYPES[FUSE_ACCUMULATOR[in_dtype]]
+    return (f"fuse_chunk<{CTYPES[in_dtype]}, {CTYPES[out_dtype]}, {acc}, {ndim}, "
             f"{MODE_CODES[mode]}, {INTERP_CODES[interpolation]}>")
 
 
@@ -112,7 +129,7 @@ def fuse_instantiations() -> list[tuple[str, str, int, str, str]]:
     """Every ``(in, out, ndim, mode, interpolation)`` the fusion kernel supports."""
     out = []
     for kin in FUSE_INPUT_DTYPES:
-        for kout in dict.fromkeys((kin, "float32")):
+        for kout in dict.fromkeys((kin, FUSE_ACCUMULATOR[kin])):
             for ndim in (2, 3):
                 for mode in MODE_CODES:
                     for interp in INTERP_CODES:
@@ -210,18 +227,24 @@ def pack_fusion_chunk(windows: Sequence[np.ndarray], table: ChunkTable,
 
 
 def fusion_kernel_args(base: int, out: Any, packing: FusionPacking,
-                       shape: Sequence[int], blend_width: Sequence[float]) -> tuple:
+                       shape: Sequence[int], params: FusionParams) -> tuple:
     """Arguments of ``fuse_chunk`` for a packed buffer at address ``base``.
 
-    ``out`` is the output (a CuPy array, or an address). Integers are passed as int64 and
-    floats as float64 NumPy scalars, matching the kernel's ``long long`` and ``double``.
+    ``out`` is the output (a CuPy array, or an address); ``params`` gives the blend widths
+    and, with the windows' dtype, whether single-tile pixels keep their sample
+    (:func:`~gpufusion.backends.numpy_ref.keeps_single_samples`). Integers are passed as
+    int64 and floats as float64 NumPy scalars, matching the kernel's ``long long`` and
+    ``double``.
     """
     s = [int(v) for v in shape] + [1] * (3 - len(shape))
-    w = [float(v) for v in blend_width] + [0.0] * (3 - len(blend_width))
+    bw = params.blend_width
+    w = [float(v) for v in bw] + [0.0] * (3 - len(bw))
+    keep = keeps_single_samples(params.mode, packing.window_dtype, params.out_dtype)
     return (np.uint64(base + packing.windows_offset), np.uint64(base),
             np.uint64(base + packing.fdesc_offset), np.int64(packing.n_entries), out,
             np.int64(s[0]), np.int64(s[1]), np.int64(s[2]),
-            np.float64(w[0]), np.float64(w[1]), np.float64(w[2]), np.float64(COVER_EPS))
+            np.float64(w[0]), np.float64(w[1]), np.float64(w[2]), np.float64(COVER_EPS),
+            np.int64(keep))
 
 
 def launch_config(total: int, block: int = 256, max_blocks: int = 1 << 20) -> tuple[int, int]:

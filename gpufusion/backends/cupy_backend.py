@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import cuda_kernels as ck
-from .numpy_ref import ALGORITHMS, FusionParams
+from .numpy_ref import ALGORITHMS, FusionParams, integer_bounds
 
 #: Threads per block of every kernel launch.
 BLOCK = 256
@@ -223,7 +223,7 @@ class CupyBackend:
         kernel = ck.fuse_kernel(kin, kout, len(chunk.shape), params.mode, params.interpolation)
         out = cp.empty(chunk.shape, dtype=kout)
         args = ck.fusion_kernel_args(chunk.buffer.data.ptr, out, chunk.packing, chunk.shape,
-                                     params.blend_width)
+                                     params)
         grid, block = ck.launch_config(math.prod(chunk.shape), BLOCK)
         kernel((grid,), (block,), args)
         out_dtype = np.dtype(params.out_dtype)
@@ -270,14 +270,14 @@ def to_host(block: Any) -> np.ndarray:
 
 
 def cast_output_gpu(values: Any, dtype: np.dtype) -> Any:
-    """Round half to even and clip float32 device ``values`` into ``dtype`` (the dtype policy;
+    """Round half to even and clip float device ``values`` into ``dtype`` (the dtype policy;
     the device twin of :func:`gpufusion.backends.numpy_ref.cast_output`)."""
     import cupy
 
     dtype = np.dtype(dtype)
     if dtype.kind in "iub":
-        info = np.iinfo(dtype)
-        return cupy.clip(cupy.rint(values), info.min, info.max).astype(dtype)
+        lo, hi = integer_bounds(values.dtype, dtype)
+        return cupy.clip(cupy.rint(values), lo, hi).astype(dtype)
     return values.astype(dtype, copy=False)
 
 

@@ -23,10 +23,14 @@ from gpufusion.plan import ChunkTable, plan_fusion
 from ..conftest import assert_close
 
 LAYOUTS = ("translation", "subpixel", "affine")
-#: (tile dtype, output dtype): the kernel's native pairs, then conversion paths.
+#: (tile dtype, output dtype): the kernel's native pairs (float32 accumulators, then float64
+#: ones for wide dtypes), then conversion paths (float16 tiles converted on the host, outputs
+#: of another dtype rounded, clipped and cast after the kernel).
 DTYPE_PAIRS = (("uint8", "uint8"), ("uint16", "uint16"), ("float32", "float32"),
-               ("uint16", "float32"))
-FALLBACK_PAIRS = (("float64", "float64"), ("uint16", "int16"), ("int16", "int16"))
+               ("uint16", "float32"), ("uint32", "uint32"), ("int64", "int64"),
+               ("float64", "float64"))
+FALLBACK_PAIRS = (("float16", "float16"), ("uint16", "int16"), ("int16", "int16"),
+                  ("int32", "float32"), ("uint64", "uint16"))
 
 #: Tile grid, tile shape and output chunks (uneven on purpose) per ndim.
 GEOMETRY = {2: ((2, 3), (23, 19), (16, 7)), 3: ((2, 2, 2), (9, 13, 11), (5, 9, 7))}

@@ -35,7 +35,7 @@ FuseKey = tuple[str, str, int, str, str]
 _FUSE_ARGS = [ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
               ctypes.c_longlong, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
               ctypes.c_longlong, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-              ctypes.c_double]
+              ctypes.c_double, ctypes.c_longlong]
 _DS_ARGS = [ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p] + \
     [ctypes.c_longlong] * 8
 
@@ -58,10 +58,10 @@ def _fuse_wrappers(keys: Sequence[FuseKey]) -> str:
 extern "C" void {_fuse_symbol(key)}(unsigned int grid, unsigned int block, const void* windows,
         const long long* idesc, const double* fdesc, long long n_entries, void* out,
         long long s0, long long s1, long long s2, double bw0, double bw1, double bw2,
-        double eps) {{
+        double eps, long long keep_single) {{
     gf_host_launch(grid, block, [&]() {{
         {expr}((const {tin}*)windows, idesc, fdesc, n_entries, ({tout}*)out, s0, s1, s2,
-               bw0, bw1, bw2, eps);
+               bw0, bw1, bw2, eps, keep_single);
     }});
 }}""")
     return "\n".join(out)
@@ -158,7 +158,7 @@ class HostKernels:
         buf = buffer[base:base + packing.nbytes]
         ck.pack_fusion_chunk(windows, table, packing, buf)
         args = ck.fusion_kernel_args(buf.ctypes.data, out.ctypes.data, packing, table.shape,
-                                     params.blend_width)
+                                     params)
         grid, threads = ck.launch_config(math.prod(table.shape), block, max_blocks)
         fn = getattr(self.libs["fuse"], _fuse_symbol(key))
         fn(grid, threads, *(float(a) if isinstance(a, np.floating) else int(a) for a in args))
