@@ -7,7 +7,8 @@ public stages (:func:`gpufusion.fuse.fuse`, :func:`gpufusion.writers.ome_zarr.wr
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,16 @@ from .layout import Mosaic
 from .writers.ome_tiff import COMPRESSIONS as TIFF_COMPRESSIONS
 from .writers.ome_tiff import write_ome_tiff
 from .writers.ome_zarr import write_ome_zarr
+from .writers.target import (
+    NO_SPACE_ERRNOS,
+    check_not_input,
+    check_replaceable,
+    is_tiff_path,
+    no_space_message,
+    output_size_estimate,
+    paths_read,
+    recover_interrupted,
+)
 
 SPATIAL_AXES = {2: ("y", "x"), 3: ("z", "y", "x")}
 
@@ -42,19 +53,41 @@ class FuseResult:
         return float(np.prod(self.shape)) / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
-def check_output_path(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any reading) when ``out`` exists and may not be replaced."""
+def check_output_path(out: str | Path, overwrite: bool,
+                      inputs: Iterable[str | Path] = ()) -> Path:
+    """Fail early (before any work) when ``out`` may not be written.
+
+    Refused: ``out`` equal to, inside or containing one of ``inputs`` (after resolving
+    links); an existing ``out`` without ``overwrite``; with ``overwrite``, an existing
+    ``out`` that is not an earlier output of its kind (an OME-Zarr image group, or an
+    OME-TIFF file for ``*.tif``); a parent folder that does not exist. See
+    :mod:`gpufusion.writers.target`.
+
+    Raises
+    ------
+    InputError
+        One line naming ``out`` and what is wrong.
+    """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: output already exists (use --overwrite to replace it)")
+    check_not_input(out, inputs)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"{out}: output already exists (use --overwrite to replace it)")
+        check_replaceable(out)
     if not out.parent.exists():
         raise InputError(f"{out}: parent folder {out.parent} does not exist")
     return out
 
 
-def is_tiff_path(path: str | Path) -> bool:
-    """True for ``*.tif``/``*.tiff`` outputs (pyramidal OME-TIFF); else OME-Zarr."""
-    return str(path).lower().endswith((".tif", ".tiff"))
+def mosaic_inputs(mosaic: Mosaic | Sequence[Any]) -> list[Path]:
+    """Every file and folder the tiles of ``mosaic`` (one, ``[c]`` or ``[t][c]``) read."""
+    if isinstance(mosaic, Mosaic):
+        return paths_read(t.source for t in mosaic.tiles)
+    return [p for m in mosaic for p in mosaic_inputs(m)]
+
+
+class OutputRecoveryWarning(UserWarning):
+    """:func:`fuse_to_file` put back or removed what an interrupted earlier run left."""
 
 
 def fuse_to_file(
@@ -72,6 +105,7 @@ def fuse_to_file(
     overwrite: bool = False,
     progress: bool = False,
     scheduler: Any = None,
+    allow_sparse: bool = False,
 ) -> FuseResult:
     """Fuse ``mosaic`` and write it to ``out`` as OME-Zarr or pyramidal OME-TIFF.
 
@@ -80,7 +114,13 @@ def fuse_to_file(
     ``zlib``); anything else an OME-Zarr image (NGFF ``ngff_version``).
 
     The output is written under a temporary name and renamed to ``out`` only when complete;
-    with ``overwrite`` an existing ``out`` is replaced only then.
+    with ``overwrite`` an existing ``out`` is replaced only then, and only when it is an
+    earlier output of the same kind (an OME-Zarr image, an OME-TIFF file). ``out`` may not
+    be, be inside, or contain a file or folder the tiles are read from. An earlier output
+    that a killed run left renamed aside is put back first, and with ``overwrite`` its
+    leftover temporary folders are removed (each with an :class:`OutputRecoveryWarning`).
+    A full disk or a file size limit raises :class:`InputError` naming ``out`` and about
+    how much space the output needs; nothing is left behind.
 
     Parameters
     ----------
@@ -99,6 +139,8 @@ def fuse_to_file(
         ``distributed.Client``: the backend is resolved on its workers
         (:func:`gpufusion.cluster.resolve_cluster_backend`), so this process needs no GPU
         for ``cupy``.
+    allow_sparse : bool
+        Fuse an output more than 90 % empty instead of refusing it (see :func:`gpufusion.fuse`).
 
     Other parameters are those of :func:`gpufusion.fuse` and
     :func:`gpufusion.write_ome_zarr`.
@@ -112,6 +154,9 @@ def fuse_to_file(
     >>> fuse_to_file(m, d / "m.ome.zarr", chunks=32).shape
     (124, 124)
     """
+    check_not_input(out, mosaic_inputs(mosaic))
+    for message in recover_interrupted(out, overwrite):
+        warnings.warn(message, OutputRecoveryWarning, stacklevel=2)
     out = check_output_path(out, overwrite)
     grid, lead = _as_time_channel_grid(mosaic)
     first = grid[0][0]
@@ -125,7 +170,7 @@ def fuse_to_file(
     t0 = time.perf_counter()
     fused = [[fuse(m, chunks=chunks, blend=blend, blend_width=blend_width,
                    interpolation=interpolation, dtype=dtype, backend=name,
-                   on_workers=on_workers) for m in channels]
+                   on_workers=on_workers, allow_sparse=allow_sparse) for m in channels]
              for channels in grid]
     # one zarr chunk per time point and channel; no stacking layers for a single mosaic
     if not lead:
@@ -140,18 +185,26 @@ def fuse_to_file(
     origin = tuple(float(o) * p for o, p in zip(first.origin, pixel, strict=True))
     common = {"axes": axes, "pixel_size": pixel, "unit": first.unit, "origin": origin,
               "overwrite": overwrite, "progress": progress, "scheduler": scheduler}
-    if is_tiff_path(out):
-        if name == "cupy":  # the TIFF writer stores host arrays: one copy per chunk
-            from .backends.cupy_backend import to_host
+    tiff = is_tiff_path(out)
+    try:
+        if tiff:
+            if name == "cupy":  # the TIFF writer stores host arrays: one copy per chunk
+                from .backends.cupy_backend import to_host
 
-            image = image.map_blocks(to_host, dtype=image.dtype,
-                                     meta=np.empty((0,) * image.ndim, image.dtype))
-        tiff_codec = compressor if compressor in TIFF_COMPRESSIONS else "zlib"
-        write_ome_tiff(image, out, compression=tiff_codec, **common)
-    else:
-        write_ome_zarr(image, out, ngff_version=ngff_version, chunks=out_chunks,
-                       compressor=compressor, anisotropic_pyramid=first.pixel_size is not None,
-                       **_zarr_pyramid_options(name), **common)
+                image = image.map_blocks(to_host, dtype=image.dtype,
+                                         meta=np.empty((0,) * image.ndim, image.dtype))
+            tiff_codec = compressor if compressor in TIFF_COMPRESSIONS else "zlib"
+            write_ome_tiff(image, out, compression=tiff_codec, **common)
+        else:
+            write_ome_zarr(image, out, ngff_version=ngff_version, chunks=out_chunks,
+                           compressor=compressor,
+                           anisotropic_pyramid=first.pixel_size is not None,
+                           **_zarr_pyramid_options(name), **common)
+    except OSError as exc:  # the writers have removed their temporary output by now
+        if exc.errno not in NO_SPACE_ERRNOS:
+            raise
+        needed = output_size_estimate(image.shape, np.dtype(image.dtype).itemsize, tiff)
+        raise InputError(no_space_message(out, exc, needed)) from exc
     seconds = time.perf_counter() - t0
     return FuseResult(out, tuple(image.shape), np.dtype(image.dtype), len(first), name,
                       seconds)

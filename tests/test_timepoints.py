@@ -19,6 +19,7 @@ from gpufusion.errors import InputError
 from gpufusion.readers.detect import list_timepoints, read_tileset
 
 from . import test_formats_bigstitcher
+from .conftest import missing_real_data
 from .test_formats_bigstitcher import view_pixels, write_dataset, write_n5, write_n5_dataset
 from .test_formats_ome_tiff import PIXEL_UM, inverted, make_scene, plane_meta
 
@@ -155,7 +156,7 @@ def test_ome_tiff_single_file_without_time_axis(tmp_path):
 def test_czi_real_file_has_one_timepoint():
     pytest.importorskip("czifile")
     if not CZI.is_file():
-        pytest.skip(f"real data not present: {CZI}")
+        missing_real_data(CZI)
     assert list_timepoints(CZI) == [0]
     every = tilesets_from_args(args_for(str(CZI), "--timepoint", "all"))
     assert len(every) == 1 and every[0].n_tiles == 2
@@ -229,8 +230,9 @@ def test_fuse_all_timepoints_register_writes_one_report_each(tmp_path, capsys):
     """``--register`` registers every time point on its own; each gets its own report."""
     from gpufusion.cli import main
 
-    write_ome_timelapse(tmp_path)  # the stage drifts between the two time points
-    code = main(["fuse", str(tmp_path), "-o", str(tmp_path / "tc.ome.zarr"), "--timepoint",
+    (tmp_path / "in").mkdir()  # outputs may not go inside the input folder
+    write_ome_timelapse(tmp_path / "in")  # the stage drifts between the two time points
+    code = main(["fuse", str(tmp_path / "in"), "-o", str(tmp_path / "tc.ome.zarr"), "--timepoint",
                  "all", "-q", "--backend", "numpy", "--register", "--max-shift", "40",
                  "--report", str(tmp_path / "r.html")])
     assert code == 0, capsys.readouterr().err
@@ -245,8 +247,9 @@ def test_fuse_register_reports_are_checked_first_and_written_last(tmp_path, caps
     import gpufusion.pipeline
     from gpufusion.cli import main
 
-    write_ome_timelapse(tmp_path)
-    argv = ["fuse", str(tmp_path), "--timepoint", "all", "-q", "--backend", "numpy",
+    (tmp_path / "in").mkdir()  # outputs may not go inside the input folder
+    write_ome_timelapse(tmp_path / "in")
+    argv = ["fuse", str(tmp_path / "in"), "--timepoint", "all", "-q", "--backend", "numpy",
             "--register", "--max-shift", "40", "--report", str(tmp_path / "r.html")]
     (tmp_path / "r.t1.html").write_text("an earlier report")
     code = main([*argv, "-o", str(tmp_path / "a.ome.zarr")])
@@ -261,6 +264,6 @@ def test_fuse_register_reports_are_checked_first_and_written_last(tmp_path, caps
     assert main([*argv, "-o", str(tmp_path / "a.ome.zarr")]) == 130
     assert not list(tmp_path.glob("r.*"))  # no report of a fusion that did not finish
     # --report without --register is refused
-    assert main(["fuse", str(tmp_path), "-o", str(tmp_path / "b.ome.zarr"),
+    assert main(["fuse", str(tmp_path / "in"), "-o", str(tmp_path / "b.ome.zarr"),
                  "--report", str(tmp_path / "r.html")]) == 2
     assert "add --register" in capsys.readouterr().err

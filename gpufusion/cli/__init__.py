@@ -6,16 +6,22 @@ parser default) and ``run(args) -> int``.
 
 Exit codes: 0 success; 2 bad input, or a file the system refused to read or write (a
 one-line message naming the file, line or field at fault, nothing left at the output
-path); 1 internal error (traceback with ``--debug``); 130 interrupted.
+path; a full disk names the output and about how much space it needs); 1 internal error
+(traceback with ``--debug``); 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM,
+what batch schedulers send). Interrupted or terminated, the temporary output is removed
+and an existing output left as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from ..errors import InputError
 
@@ -51,13 +57,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        with _sigterm_as_exception():
+            return int(args.run(args) or 0)
     except InputError as exc:
         print(f"gpufusion: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpufusion: interrupted; nothing was written at the output path", file=sys.stderr)
         return 130
+    except Terminated:
+        print("gpufusion: terminated (SIGTERM); nothing was written at the output path",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except OSError as exc:
         if exc.filename is None:
             return _internal_error(args, exc)
@@ -68,6 +79,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as exc:
         return _internal_error(args, exc)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (what batch schedulers send): unwinds like ``KeyboardInterrupt``,
+    so the writers remove their temporary output on the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not stop the cleanup
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _internal_error(args: argparse.Namespace, exc: BaseException) -> int:

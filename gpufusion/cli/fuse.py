@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 from ..blend import BLEND_MODES, INTERPOLATIONS
 from ..errors import InputError
 from ..pipeline import FuseResult
+from ..writers.target import check_not_input, leftovers_notice, recover_interrupted
 from . import common_options, notice, show_progress
 from .inputs import INPUT_HELP, add_input_options
 from .register import (
@@ -109,7 +111,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace OUTPUT (only once the new result is complete)",
+        help="replace OUTPUT when it is an earlier output of the same kind (OME-Zarr image, "
+        "OME-TIFF file), only once the new result is complete; also removes temporary "
+        "folders a stopped run left beside it",
     )
     p.add_argument(
         "--pixel-size",
@@ -130,6 +134,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_fusion_options(p)
     p.add_argument("--blend-width-z", type=non_negative_float, default=None, metavar="PX",
                    help="3D: blending ramp width along z (default: as --blend-width)")
+    p.add_argument("--allow-sparse", action="store_true",
+                   help="fuse even when the output would be more than 90%% empty (refused "
+                        "otherwise: usually a mistyped position)")
     p.add_argument("--register", action="store_true",
                    help="correct the positions by registration before fusing")
     add_registration_options(p)
@@ -138,11 +145,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cluster import connect, parse_gpus
-    from ..pipeline import check_output_path, fuse_to_file
+    from ..pipeline import fuse_to_file
     from .inputs import tilesets_from_args
     from .outputs import check_outputs, input_files
 
-    out = check_output_path(args.output, args.overwrite)
+    out = prepare_output(args)
     if args.pixel_size is not None and not args.pixel_size > 0:
         raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
     timepoints = tilesets_from_args(args)  # one unless --timepoint all
@@ -151,8 +158,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--blend-width-z: applies to 3D tiles; these are 2D")
     if args.report and not args.register:
         raise InputError("--report: draws the registration; add --register")
+    inputs = [Path(args.input), *input_files(*timepoints)]
+    check_not_input(out, inputs)  # every tile file, plane file and container: before work
     reports = fuse_report_outputs(args, len(timepoints)) if args.register else []
-    check_outputs(reports, input_files(*timepoints), args.overwrite)
+    check_outputs(reports, inputs, args.overwrite)
+    for report in reports:
+        if out.resolve() in (report.resolve(), *report.resolve().parents):
+            raise InputError(f"--report {report}: is inside the output {out}; write it "
+                             "elsewhere")
     gpus = parse_gpus(args.gpus) if args.gpus else None
     with connect(gpus=gpus, scheduler=args.scheduler,
                  threads_per_gpu=args.threads_per_gpu) as client:
@@ -179,11 +192,33 @@ def run(args: argparse.Namespace) -> int:
         if client is not None:
             kwargs["progress"] = False  # the dashboard shows progress on a cluster
             kwargs["scheduler"] = client
-        result = fuse_to_file(mosaic, out, overwrite=args.overwrite, **kwargs)
+        result = fuse_to_file(mosaic, out, overwrite=args.overwrite,
+                              allow_sparse=args.allow_sparse, **kwargs)
     write_fuse_reports(args, reports, registered)  # only once the image is complete
     if not args.quiet:
         print(summary(result, tiles.n_tiles))
     return 0
+
+
+def prepare_output(args: argparse.Namespace) -> Path:
+    """Check ``-o OUT`` before reading anything, and settle what a killed run left there.
+
+    OUT may not be, be inside or contain INPUT (the tiles and containers it lists are
+    checked once read). A replacement a killed run left half done is rolled back (the
+    earlier output put back); leftover temporary folders are named, and removed with
+    ``--overwrite``; then :func:`gpufusion.pipeline.check_output_path`. Each action is a
+    notice.
+    """
+    from ..pipeline import check_output_path
+
+    out = Path(args.output)
+    check_not_input(out, [Path(args.input)])
+    for message in recover_interrupted(out, args.overwrite):
+        notice(args, message)
+    found = None if args.overwrite else leftovers_notice(out)
+    if found:
+        notice(args, found)
+    return check_output_path(out, args.overwrite)
 
 
 def fusion_kwargs(args: argparse.Namespace, backend: str) -> dict:

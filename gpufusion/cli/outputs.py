@@ -1,7 +1,8 @@
 """Small output files written together and atomically (positions CSV, edge table, report).
 
 :func:`check_outputs` refuses, before any work, an output that already exists (unless
-``overwrite``), is a folder, is named twice, or is one of the input files; :func:`staged`
+``overwrite``), is a folder, is named twice, or is, is inside or contains one of the inputs
+(:func:`gpufusion.writers.target.check_not_input`); :func:`staged`
 lets the caller write every file under a hidden temporary name in the same folder and
 renames them into place only when all were written, so a failure leaves no output that
 looks complete (an existing file is replaced only then); a file-system error becomes a
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..writers.target import check_not_input, paths_read
 
 
 def check_outputs(outputs: Iterable[Path], inputs: Iterable[str | Path], overwrite: bool,
@@ -35,12 +37,11 @@ def check_outputs(outputs: Iterable[Path], inputs: Iterable[str | Path], overwri
     ...
     gpufusion.errors.InputError: ...a.csv: already exists (use --overwrite to replace it)
     """
-    protected = {Path(p).resolve() for p in inputs}
+    protected = list(inputs)
     seen: set[Path] = set()
     for out in outputs:
         resolved = out.resolve()
-        if resolved in protected:
-            raise InputError(f"{out}: is one of the input files; choose another output name")
+        check_not_input(out, protected)
         if resolved in seen:
             raise InputError(f"{out}: named for two outputs")
         seen.add(resolved)
@@ -53,10 +54,10 @@ def check_outputs(outputs: Iterable[Path], inputs: Iterable[str | Path], overwri
 
 
 def input_files(*tilesets: Any) -> list[Path]:
-    """Every file the tile sets read (all channels): outputs that :func:`check_outputs`
-    must not replace."""
-    return [Path(p) for ts in tilesets for channel in ts.sources for src in channel
-            if (p := getattr(src, "path", None)) is not None]
+    """Every file and folder the tile sets read (all channels; tile files, plane files,
+    N5/Zarr containers): what no output may be, be inside or contain (see
+    :func:`gpufusion.writers.target.paths_read`)."""
+    return paths_read(src for ts in tilesets for channel in ts.sources for src in channel)
 
 
 def _temporary_name(out: Path) -> Path:

@@ -273,13 +273,20 @@ def _resolution(geometry: _Geometry, physical: bool, factor: int) -> dict[str, A
 def _atomic_file(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a hidden sibling work folder; its file ``out.name`` becomes ``out`` on success.
 
-    The folder (and everything staged in it) is removed in every case.
+    An existing file ``out`` is replaced by one ``os.replace`` (atomic on POSIX file
+    systems), so a crash leaves the old file or the new one. The folder (and everything
+    staged in it) is removed in every case.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     work = _sibling_dir(out, "tmp")
     try:
         yield work
-        _move_into_place(work / out.name, out, overwrite)
+        if out.is_dir() and not out.is_symlink():  # a folder where the file goes
+            _move_into_place(work / out.name, out, overwrite)
+        else:  # one atomic rename: readers see the old file or the new one, never neither
+            if out.exists() or out.is_symlink():
+                _check_target(out, overwrite)  # it may have appeared while we were computing
+            os.replace(work / out.name, out)
     finally:
         _remove(work)
 

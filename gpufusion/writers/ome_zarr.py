@@ -347,7 +347,13 @@ def _sibling_dir(out: Path, tag: str) -> Path:
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is removed only once ``tmp`` is in."""
+    """Rename ``tmp`` to ``out``; an existing ``out`` is removed only once ``tmp`` is in.
+
+    A folder cannot be replaced by one rename: the old ``out`` is renamed aside into
+    ``.NAME.old-XXXXXXXX/NAME``, ``tmp`` renamed in, then the old one removed. A process
+    killed between the renames leaves no ``out``; the next run puts the old one back
+    (:func:`gpufusion.writers.target.recover_interrupted`).
+    """
     if not (out.exists() or out.is_symlink()):
         os.rename(tmp, out)
         return
@@ -621,10 +627,103 @@ def _not_ome_zarr(path: Path, why: str) -> InputError:
     return InputError(f"{path} is not an OME-Zarr image: {why}")
 
 
+def _bad_field(file: Path, field: str, expected: str, value: Any) -> InputError:
+    """One line naming a metadata file, the field at fault, what it must be and what it is."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return InputError(f"{file}: {field} must be {expected}, got {shown}")
+
+
+def _metadata_json(file: Path) -> Any:
+    """A Zarr metadata file's JSON; invalid JSON is named with its line and column."""
+    import json
+
+    try:
+        return json.loads(file.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{file}: invalid JSON at line {exc.lineno}, column {exc.colno} "
+                         f"({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{file}: not a JSON text (not UTF-8)") from None
+
+
+def _group_metadata(path: Path) -> tuple[Path, str, dict[str, Any], int]:
+    """File holding a group's attributes, the field prefix there, the attributes, format."""
+    if (path / "zarr.json").is_file():
+        file = path / "zarr.json"
+        node = _metadata_json(file)
+        if not isinstance(node, dict):
+            raise _bad_field(file, "the document", "a JSON object", node)
+        if node.get("node_type") != "group":
+            raise _not_ome_zarr(path, f"{file.name} has node_type {node.get('node_type')!r}, "
+                                      "not 'group'")
+        attrs = node.get("attributes", {})
+        if not isinstance(attrs, dict):
+            raise _bad_field(file, "attributes", "a JSON object", attrs)
+        if "ome" not in attrs:
+            return file, "attributes.", attrs, 3
+        if not isinstance(attrs["ome"], dict):
+            raise _bad_field(file, "attributes.ome", "a JSON object", attrs["ome"])
+        return file, "attributes.ome.", attrs["ome"], 3
+    if (path / ".zgroup").is_file():
+        zgroup = _metadata_json(path / ".zgroup")
+        if not isinstance(zgroup, dict):
+            raise _bad_field(path / ".zgroup", "the document", "a JSON object", zgroup)
+        file = path / ".zattrs"
+        attrs = _metadata_json(file) if file.is_file() else {}
+        if not isinstance(attrs, dict):
+            raise _bad_field(file, "the document", "a JSON object", attrs)
+        return file, "", attrs, 2
+    raise _not_ome_zarr(path, "no Zarr group there")
+
+
+def _optional_text(file: Path, field: str, value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise _bad_field(file, field, "a string", value)
+
+
+def _info_axes(file: Path, field: str, axes: Any) -> list[dict[str, Any]]:
+    """NGFF axes: objects with a string ``name`` (0.4+) or plain names (0.3)."""
+    if not isinstance(axes, list):
+        raise _bad_field(file, field, "a list", axes)
+    out = []
+    for k, axis in enumerate(axes):
+        if isinstance(axis, str):
+            out.append({"name": axis, "type": None, "unit": None})
+            continue
+        if not isinstance(axis, dict) or not isinstance(axis.get("name"), str):
+            raise _bad_field(file, f"{field}[{k}]", "an object with a string 'name'", axis)
+        out.append({key: _optional_text(file, f"{field}[{k}].{key}", axis.get(key))
+                    for key in ("name", "type", "unit")})
+    return out
+
+
+def _info_transforms(file: Path, field: str, transforms: Any, ndim: int) -> list[dict]:
+    """``coordinateTransformations``: objects; scale/translation vectors of ``ndim`` numbers."""
+    if not isinstance(transforms, list):
+        raise _bad_field(file, field, "a list", transforms)
+    for k, transform in enumerate(transforms):
+        if not isinstance(transform, dict):
+            raise _bad_field(file, f"{field}[{k}]", "an object", transform)
+        kind = transform.get("type")
+        if kind in ("scale", "translation") and kind in transform:
+            vector = transform[kind]
+            if not (isinstance(vector, list) and len(vector) == ndim and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in vector)):
+                raise _bad_field(file, f"{field}[{k}].{kind}", f"a list of {ndim} finite "
+                                 f"numbers (the arrays are {ndim}D)", vector)
+    return transforms
+
+
 def _effective_transform(
     dataset: dict[str, Any], global_transforms: list[dict[str, Any]], ndim: int
 ) -> tuple[list[float], list[float]]:
-    """Compose a dataset's scale/translation with the multiscale-wide ones, if any."""
+    """Compose a dataset's scale/translation with the multiscale-wide ones, if any.
+
+    The transforms must have been checked (:func:`_info_transforms`).
+    """
     scale, translation = [1.0] * ndim, [0.0] * ndim
     for transform in [*dataset.get("coordinateTransformations", []), *global_transforms]:
         if transform.get("type") == "scale" and "scale" in transform:
@@ -635,6 +734,31 @@ def _effective_transform(
                 t + g for t, g in zip(translation, transform["translation"], strict=True)
             ]
     return scale, translation
+
+
+def _open_level(path: Path, file: Path, field: str, dataset: Any, zarr_format: int) -> Any:
+    """The array a ``datasets[k]`` entry names, inside the group; its metadata checked."""
+    if not isinstance(dataset, dict):
+        raise _bad_field(file, field, "an object with a 'path'", dataset)
+    rel = dataset.get("path")
+    parts = Path(rel).parts if isinstance(rel, str) else ()
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        raise _bad_field(file, f"{field}.path", "a path inside the group", rel)
+    meta = path / rel / ("zarr.json" if zarr_format == 3 else ".zarray")
+    if not meta.is_file():
+        if (path / rel / ("zarr.json" if zarr_format == 3 else ".zgroup")).is_file():
+            raise _not_ome_zarr(path, f"dataset {rel!r} is not an array")
+        raise _not_ome_zarr(path, f"dataset {rel!r} is missing")
+    node = _metadata_json(meta)
+    if not isinstance(node, dict):
+        raise _bad_field(meta, "the document", "a JSON object", node)
+    if zarr_format == 3 and node.get("node_type") != "array":
+        raise _not_ome_zarr(path, f"dataset {rel!r} is not an array")
+    try:
+        return zarr.open_array(store=str(path / rel), mode="r", zarr_format=zarr_format)
+    except Exception as exc:  # zarr raises several types for malformed array metadata
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise InputError(f"{meta}: unreadable Zarr array metadata ({message})") from None
 
 
 def read_ome_zarr_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -656,7 +780,10 @@ def read_ome_zarr_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises
     ------
     InputError
-        If ``path`` is missing, not a Zarr group, or has no multiscales metadata.
+        If ``path`` is missing, not a Zarr group, or has no multiscales metadata; for
+        invalid JSON (naming the file, line and column), metadata of the wrong type or
+        length (naming the file and the field, e.g. ``multiscales[0].datasets``), a
+        dataset path leading out of the group, or a level array zarr cannot open.
 
     Examples
     --------
@@ -668,34 +795,35 @@ def read_ome_zarr_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     ('0.5', 3, (4, 6))
     """
     path = Path(path)
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except (FileNotFoundError, ValueError) as exc:  # zarr's not-found errors are both
-        raise _not_ome_zarr(path, "no Zarr group there") from exc
-    attrs = group.attrs.asdict()
-    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    file, prefix, ome, zarr_format = _group_metadata(path)
     multiscales = ome.get("multiscales")
-    if not isinstance(multiscales, list) or not multiscales:
+    if multiscales is None:
         raise _not_ome_zarr(path, "no 'multiscales' metadata")
+    if not isinstance(multiscales, list) or not multiscales:
+        raise _bad_field(file, f"{prefix}multiscales", "a non-empty list", multiscales)
+    field = f"{prefix}multiscales[0]"
     multiscale = multiscales[0]
+    if not isinstance(multiscale, dict):
+        raise _bad_field(file, field, "an object", multiscale)
+    datasets = multiscale.get("datasets", [])
+    if not isinstance(datasets, list):
+        raise _bad_field(file, f"{field}.datasets", "a list", datasets)
+    if not datasets:
+        raise _not_ome_zarr(path, "the multiscales metadata lists no datasets")
     version = ome.get("version") or multiscale.get("version")
-    axes = [
-        {"name": a.get("name"), "type": a.get("type"), "unit": a.get("unit")}
-        if isinstance(a, dict)
-        else {"name": str(a), "type": None, "unit": None}
-        for a in multiscale.get("axes", [])
-    ]
+    texts = {key: _optional_text(file, f"{field}.{key}", multiscale.get(key))
+             for key in ("name", "type")}
     levels = []
-    for dataset in multiscale.get("datasets", []):
-        try:
-            array = group[dataset["path"]]
-        except KeyError as exc:
-            raise _not_ome_zarr(path, f"dataset {dataset.get('path')!r} is missing") from exc
-        if not isinstance(array, zarr.Array):
-            raise _not_ome_zarr(path, f"dataset {dataset['path']!r} is not an array")
+    for k, dataset in enumerate(datasets):
+        array = _open_level(path, file, f"{field}.datasets[{k}]", dataset, zarr_format)
+        transforms = _info_transforms(
+            file, f"{field}.datasets[{k}].coordinateTransformations",
+            dataset.get("coordinateTransformations", []), array.ndim)
+        global_transforms = _info_transforms(
+            file, f"{field}.coordinateTransformations",
+            multiscale.get("coordinateTransformations") or [], array.ndim)
         scale, translation = _effective_transform(
-            dataset, multiscale.get("coordinateTransformations") or [], array.ndim
-        )
+            {"coordinateTransformations": transforms}, global_transforms, array.ndim)
         levels.append(
             {
                 "path": dataset["path"],
@@ -707,14 +835,17 @@ def read_ome_zarr_info(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "compressor": _describe_codecs(array),
             }
         )
-    if not levels:
-        raise _not_ome_zarr(path, "the multiscales metadata lists no datasets")
+    axes = _info_axes(file, f"{field}.axes", multiscale.get("axes", []))
+    ndim = len(levels[0]["shape"])
+    if axes and len(axes) != ndim:
+        raise _bad_field(file, f"{field}.axes", f"{ndim} axes (the arrays are {ndim}D)",
+                         [a["name"] for a in axes])
     return {
         "path": str(path),
-        "ngff_version": version,
-        "zarr_format": group.metadata.zarr_format,
-        "name": multiscale.get("name"),
-        "downsampling": multiscale.get("type"),
+        "ngff_version": _optional_text(file, f"{prefix}version", version),
+        "zarr_format": zarr_format,
+        "name": texts["name"],
+        "downsampling": texts["type"],
         "axes": axes,
         "compressor": levels[0]["compressor"],
         "levels": levels,
