@@ -21,27 +21,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from gpufusion.cli import main
 from gpufusion.errors import InputError
 from gpufusion.readers.images import clear_tile_cache, open_tile
 
 from .tile_files import write_tile_csv
-from .writer_helpers import leftovers
-
-
-def fails_cleanly(capsys, argv: list, out: Path | None, *parts: str) -> str:
-    """Run the CLI: exit code 2, one stderr line holding every part, nothing at ``out``."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpufusion: error: "), err
-    for part in parts:
-        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
-    if out is not None:
-        assert not out.exists()
-        assert not [n for n in leftovers(out.parent, out.name) if n.startswith(f".{out.name}")]
-    return lines[0]
+from .writer_helpers import leftovers, refused
 
 
 def two_tiles(folder: Path, **imwrite) -> Path:
@@ -94,7 +78,7 @@ def test_tiff_claiming_more_pixels_than_it_holds(tmp_path, capsys, make, says):
     assert (tmp_path / "t1.tif").stat().st_size < 50_000
     before = (tmp_path / "t1.tif").read_bytes()
     out = tmp_path / "out.ome.zarr"
-    fails_cleanly(capsys, ["fuse", pos, "-o", out], out,
+    refused(capsys, ["fuse", pos, "-o", out], out,
                   str(tmp_path / "t1.tif"), "ImageWidth x ImageLength 100000 x", says)
     assert (tmp_path / "t1.tif").read_bytes() == before
 
@@ -116,7 +100,7 @@ def test_png_decompression_bomb(tmp_path, capsys, recwarn, side):
     _png(tmp_path / "bomb.png", side, side)
     pos.write_text(pos.read_text().replace("t1.tif", "bomb.png"))
     out = tmp_path / "out.ome.zarr"
-    fails_cleanly(capsys, ["fuse", pos, "-o", out], out,
+    refused(capsys, ["fuse", pos, "-o", out], out,
                   str(tmp_path / "bomb.png"), "decompression bomb", f"{side * side} pixels")
     assert not recwarn.list
 
@@ -187,7 +171,7 @@ def test_unsupported_pixel_types_are_named_with_the_accepted_list(tmp_path, caps
     pos = two_tiles(tmp_path)
     tifffile.imwrite(tmp_path / "t1.tif", np.zeros((32, 32), dtype))
     out = tmp_path / "out.ome.zarr"
-    fails_cleanly(capsys, ["fuse", pos, "-o", out], out, str(tmp_path / "t1.tif"),
+    refused(capsys, ["fuse", pos, "-o", out], out, str(tmp_path / "t1.tif"),
                   f"pixel type {dtype} not supported",
                   "expected one of uint8, uint16, uint32, uint64, int8, int16, int32, int64")
 
@@ -199,7 +183,7 @@ def test_symlink_loop_as_input(tmp_path, capsys):
     loop = tmp_path / "loop.csv"
     loop.symlink_to(loop)
     out = tmp_path / "out.ome.zarr"
-    fails_cleanly(capsys, ["fuse", loop, "-o", out], out, str(loop), "symbolic link loop")
+    refused(capsys, ["fuse", loop, "-o", out], out, str(loop), "symbolic link loop")
 
 
 @pytest.mark.parametrize("config", ["pos.csv", "TileConfiguration.txt"])
@@ -210,7 +194,7 @@ def test_symlink_loop_as_a_tile(tmp_path, capsys, config):
     (tmp_path / "TileConfiguration.txt").write_text(
         "dim = 2\nt0.tif; ; (0.0, 0.0)\nt1.tif; ; (28.0, 0.0)\n")
     out = tmp_path / "out.ome.zarr"
-    fails_cleanly(capsys, ["fuse", tmp_path / config, "-o", out], out,
+    refused(capsys, ["fuse", tmp_path / config, "-o", out], out,
                   f"{tmp_path / config}:3:", "'t1.tif'", "symbolic link loop")
 
 
@@ -235,7 +219,7 @@ def test_tifffile_warning_about_a_corrupt_tag_is_one_line(tmp_path, capsys, capl
     path.write_bytes(bytes(data))
     out = tmp_path / "out.ome.zarr"
     with caplog.at_level(logging.WARNING):
-        fails_cleanly(capsys, ["fuse", pos, "-o", out], out, str(path), "damaged TIFF",
+        refused(capsys, ["fuse", pos, "-o", out], out, str(path), "damaged TIFF",
                       "tag 305", "invalid data type 99")
     assert not [r for r in caplog.records if r.name == "tifffile"]
 
@@ -264,7 +248,7 @@ def test_damaged_czi_is_one_line(data_dir, tmp_path, capsys, recwarn, how, says)
     pytest.importorskip("czifile")
     path = _damaged_czi(data_dir, tmp_path, how)
     out = tmp_path / "out.ome.zarr"
-    line = fails_cleanly(capsys, ["fuse", path, "-o", out], out, str(path), says)
+    line = refused(capsys, ["fuse", path, "-o", out], out, str(path), says)
     assert line.isascii()  # czifile's raw bytes are escaped, never printed
     if how == "directory id":
         assert "ZISRAWJUNK\\xff\\xfe" in line
@@ -281,9 +265,9 @@ def test_non_finite_position_names_file_line_and_tile(tmp_path, capsys, value):
     (tmp_path / "TileConfiguration.txt").write_text(
         f"dim = 2\nt0.tif; ; (0.0, 0.0)\nt1.tif; ; (1.0, {value})\n")
     out = tmp_path / "out.ome.zarr"
-    fails_cleanly(capsys, ["fuse", pos, "-o", out], out,
+    refused(capsys, ["fuse", pos, "-o", out], out,
                   f"{pos}:3:", "tile 't1.tif'", "x is not finite")
-    fails_cleanly(capsys, ["fuse", tmp_path / "TileConfiguration.txt", "-o", out], out,
+    refused(capsys, ["fuse", tmp_path / "TileConfiguration.txt", "-o", out], out,
                   f"{tmp_path / 'TileConfiguration.txt'}:3:", "tile 't1.tif'", "y is not finite")
 
 
@@ -306,4 +290,4 @@ def test_non_finite_transform_names_the_tile():
 ])
 def test_demo_size_is_bounded(tmp_path, capsys, argv, says):
     out = tmp_path / "demo"
-    fails_cleanly(capsys, ["demo", "--out", out, *argv], out, says, "in memory")
+    refused(capsys, ["demo", "--out", out, *argv], out, says, "in memory")

@@ -26,29 +26,12 @@ from gpufusion.writers.ome_zarr import write_ome_zarr
 from .test_formats_bigstitcher import write_n5_dataset
 from .test_formats_ome_tiff import plane_meta, write_tile
 from .tile_files import write_tile_csv
-from .writer_helpers import leftovers
+from .writer_helpers import refused
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(capsys, argv: list, out: Path | None, *parts: str, absent: str = "") -> str:
-    """Run the CLI: exit 2, one stderr line holding every part, nothing at ``out``."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpufusion: error: "), err
-    for part in parts:
-        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
-    if absent:
-        assert absent not in lines[0]
-    if out is not None:
-        assert not out.exists()
-        assert not [n for n in leftovers(out.parent, out.name) if n.startswith(f".{out.name}")]
-    return lines[0]
 
 
 def fuse_refused(capsys, tmp_path: Path, source: Path, *parts: str, absent: str = "") -> str:

@@ -1,4 +1,4 @@
-"""Helpers shared by the writer tests (OME-Zarr and OME-TIFF)."""
+"""Helpers shared by the writer tests (OME-Zarr and OME-TIFF) and the CLI error tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+
+from gpufusion.cli import main
 
 
 def random_image(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarray:
@@ -39,3 +41,20 @@ def counting_image(
 def leftovers(parent: Path, keep: str) -> list[str]:
     """Names in ``parent`` other than ``keep`` (temporary folders a write left behind)."""
     return sorted(p.name for p in parent.iterdir() if p.name != keep)
+
+
+def refused(capsys, argv: list, out: Path | None, *parts: str, absent: str = "") -> str:
+    """Run the CLI: exit 2, one stderr line holding every part, nothing at ``out``."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpufusion: error: "), err
+    for part in parts:
+        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
+    if absent:
+        assert absent not in lines[0]
+    if out is not None:
+        assert not out.exists()
+        assert not [n for n in leftovers(out.parent, out.name) if n.startswith(f".{out.name}")]
+    return lines[0]
