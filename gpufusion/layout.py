@@ -87,7 +87,8 @@ class Mosaic:
     pixel_size : tuple of float or None
         Physical size of an output pixel per axis (index order), if known.
     unit : str or None
-        Unit of ``pixel_size`` (an NGFF unit name such as ``"micrometer"``).
+        Unit of ``pixel_size``: an NGFF unit name such as ``"micrometer"`` (abbreviations
+        such as ``"nm"`` are turned into it; anything else raises :class:`InputError`).
     """
 
     tiles: tuple[Tile, ...]
@@ -111,6 +112,10 @@ class Mosaic:
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "pixel_size",
                            check_pixel_size(self.pixel_size, ndim, tiles[0].name))
+        if self.unit is not None:  # an NGFF name ("nm" -> "nanometer"); refused otherwise
+            from .units import ngff_unit
+
+            object.__setattr__(self, "unit", ngff_unit(self.unit, "unit"))
 
     @property
     def ndim(self) -> int:

@@ -20,11 +20,11 @@ from .backends import resolve_backend
 from .errors import InputError
 from .fuse import DEFAULT_CHUNK, fuse
 from .layout import Mosaic
-from .writers.ome_tiff import COMPRESSIONS as TIFF_COMPRESSIONS
 from .writers.ome_tiff import write_ome_tiff
 from .writers.ome_zarr import write_ome_zarr
 from .writers.target import (
     NO_SPACE_ERRNOS,
+    check_compression,
     check_not_input,
     check_replaceable,
     is_tiff_path,
@@ -68,8 +68,11 @@ def check_output_path(out: str | Path, overwrite: bool,
     InputError
         One line naming ``out`` and what is wrong.
     """
+    from .writers.target import output_kind
+
     out = Path(out)
     check_not_input(out, inputs)
+    output_kind(out)  # only OME-Zarr and OME-TIFF names: InputError naming the others
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise InputError(f"{out}: output already exists (use --overwrite to replace it)")
@@ -101,17 +104,23 @@ def fuse_to_file(
     dtype: str | np.dtype | None = None,
     backend: str = "numpy",
     ngff_version: str = "0.4",
-    compressor: str = "blosc-zstd",
+    compressor: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
     scheduler: Any = None,
     allow_sparse: bool = False,
+    channel_names: Sequence[str] | None = None,
+    name: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> FuseResult:
     """Fuse ``mosaic`` and write it to ``out`` as OME-Zarr or pyramidal OME-TIFF.
 
     ``out`` ending in ``.tif``/``.tiff`` gives a tiled pyramidal OME-TIFF (BigTIFF, levels as
-    SubIFDs; ``compressor`` ``zlib``, ``lzw``, ``zstd`` or ``none``, any other value meaning
-    ``zlib``); anything else an OME-Zarr image (NGFF ``ngff_version``).
+    SubIFDs; ``compressor`` ``zlib`` (default), ``lzw``, ``zstd`` or ``none``), ending in
+    ``.zarr`` an OME-Zarr image (NGFF ``ngff_version``; ``compressor`` ``blosc-zstd``
+    (default), ``blosc-lz4``, ``zstd``, ``zlib`` or ``none``); any other name, or a
+    ``compressor`` that does not apply to the output's kind, is an :class:`InputError`
+    (:func:`gpufusion.writers.target.check_compression`).
 
     The output is written under a temporary name and renamed to ``out`` only when complete;
     with ``overwrite`` an existing ``out`` is replaced only then, and only when it is an
@@ -141,6 +150,24 @@ def fuse_to_file(
         for ``cupy``.
     allow_sparse : bool
         Fuse an output more than 90 % empty instead of refusing it (see :func:`gpufusion.fuse`).
+    channel_names : sequence of str, optional
+        One name per channel (one for a single mosaic), written as the OME-TIFF ``Channel
+        Name`` or the OME-Zarr ``omero`` channel labels (with default colours: one channel
+        white, two green and magenta, three red, green, blue). Default ``C0``, ``C1``, ...
+        in OME-Zarr and none in OME-TIFF.
+    name : str, optional
+        Image name (NGFF multiscales ``name``, OME ``Image Name``); default the output's
+        name without its suffixes (``slide`` for ``slide.ome.zarr``).
+    provenance : dict, optional
+        JSON entries added to the provenance record, which is written under ``"gpufusion"``
+        in the OME-Zarr attributes and as an OME ``MapAnnotation`` (namespace
+        ``gpufusion``): gpufusion's version, the call's parameters, tile, channel and time
+        point counts, the folder the tiles come from, and these entries (the command line
+        writes ``command``, ``input`` and ``registration`` here).
+
+    The pixel size and unit are the mosaic's (:attr:`Mosaic.pixel_size
+    <gpufusion.layout.Mosaic>`); when it has none, none is written: no ``PhysicalSize`` in
+    the OME-XML, a scale of 1 without a unit in OME-Zarr.
 
     Other parameters are those of :func:`gpufusion.fuse` and
     :func:`gpufusion.write_ome_zarr`.
@@ -158,8 +185,11 @@ def fuse_to_file(
     for message in recover_interrupted(out, overwrite):
         warnings.warn(message, OutputRecoveryWarning, stacklevel=2)
     out = check_output_path(out, overwrite)
+    compressor = check_compression(out, compressor, option="compressor")
     grid, lead = _as_time_channel_grid(mosaic)
     first = grid[0][0]
+    channel_names = _check_channel_names(channel_names, len(grid[0]))
+    image_name = _image_name(name, out)
     on_workers = _is_cluster_client(scheduler)
     if on_workers:
         from .cluster import resolve_cluster_backend
@@ -181,11 +211,20 @@ def fuse_to_file(
         image = da.stack([da.stack(channels) for channels in fused])
     axes = (*lead, *SPATIAL_AXES[first.ndim])
     out_chunks = (*(1,) * len(lead), *(chunks,) * first.ndim)
+    # an unknown pixel size stays unknown: no physical size, unit or position is written
+    known = first.pixel_size is not None
     pixel = first.pixel_size or (1.0,) * first.ndim
     origin = tuple(float(o) * p for o, p in zip(first.origin, pixel, strict=True))
-    common = {"axes": axes, "pixel_size": pixel, "unit": first.unit, "origin": origin,
-              "overwrite": overwrite, "progress": progress, "scheduler": scheduler}
     tiff = is_tiff_path(out)
+    record = _provenance(grid, lead, provenance, {
+        "chunks": chunks, "blend": blend, "blend_width": blend_width,
+        "interpolation": interpolation, "dtype": None if dtype is None else str(dtype),
+        "backend": name, "allow_sparse": allow_sparse,
+        "compression": compressor, **({} if tiff else {"ngff_version": ngff_version})})
+    common = {"axes": axes, "pixel_size": pixel if known else None,
+              "unit": first.unit if known else None, "overwrite": overwrite,
+              "progress": progress, "scheduler": scheduler, "name": image_name,
+              "channel_names": channel_names, "attributes": {"gpufusion": record}}
     try:
         if tiff:
             if name == "cupy":  # the TIFF writer stores host arrays: one copy per chunk
@@ -193,10 +232,11 @@ def fuse_to_file(
 
                 image = image.map_blocks(to_host, dtype=image.dtype,
                                          meta=np.empty((0,) * image.ndim, image.dtype))
-            tiff_codec = compressor if compressor in TIFF_COMPRESSIONS else "zlib"
-            write_ome_tiff(image, out, compression=tiff_codec, **common)
+            write_ome_tiff(image, out, compression=compressor,
+                           origin=origin if known else None, **common)
         else:
             write_ome_zarr(image, out, ngff_version=ngff_version, chunks=out_chunks,
+                           origin=origin,
                            compressor=compressor,
                            anisotropic_pyramid=first.pixel_size is not None,
                            **_zarr_pyramid_options(name), **common)
@@ -208,6 +248,70 @@ def fuse_to_file(
     seconds = time.perf_counter() - t0
     return FuseResult(out, tuple(image.shape), np.dtype(image.dtype), len(first), name,
                       seconds)
+
+
+def _check_channel_names(names: Sequence[str] | None, n: int) -> list[str] | None:
+    """``channel_names`` for ``n`` channels: a list of ``n`` non-empty names, or None."""
+    if names is None:
+        return None
+    if isinstance(names, str) or len(names) != n:
+        shown = [names] if isinstance(names, str) else list(names)
+        raise InputError(f"channel_names: {len(shown)} name(s) {shown} for {n} channel(s); "
+                         "give one name per channel")
+    checked = [str(name).strip() for name in names]
+    if not all(checked):
+        raise InputError(f"channel_names: every name must be non-empty, got {list(names)}")
+    return checked
+
+
+def _image_name(name: str | None, out: Path) -> str:
+    """The image name: ``name``, or ``out``'s file name without its image suffixes."""
+    if name is not None:
+        text = str(name).strip()
+        if not text or "\n" in text:
+            raise InputError(f"name: need a non-empty one-line image name, got {name!r}")
+        return text
+    stem = out.name
+    for suffix in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def _provenance(grid: list[list[Mosaic]], lead: tuple[str, ...], extra: dict[str, Any] | None,
+                parameters: dict[str, Any]) -> dict[str, Any]:
+    """What made the image: gpufusion version, the call's parameters, the inputs, and
+    ``extra`` (the command line adds its own entries)."""
+    import datetime
+    import os
+
+    from . import __version__
+
+    first = grid[0][0]
+    files = [str(p) for p in paths_read(t.source for t in first.tiles)]
+    try:
+        folder = os.path.commonpath(files) if files else None
+    except ValueError:  # paths on different drives
+        folder = None
+    if folder is not None and len(files) == 1:
+        folder = str(Path(folder).parent)
+    blend_width = parameters["blend_width"]
+    if blend_width is not None and not isinstance(blend_width, int | float):
+        parameters["blend_width"] = [float(w) for w in blend_width]
+    record: dict[str, Any] = {
+        "software": "gpufusion",
+        "version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "call": "gpufusion.fuse_to_file",
+        "parameters": parameters,
+        "tiles": len(first),
+        "channels": len(grid[0]),
+        "timepoints": len(grid) if "t" in lead else 1,
+        "tile_folder": folder,
+    }
+    if extra:
+        record |= dict(extra)
+    return record
 
 
 def _is_cluster_client(scheduler: Any) -> bool:

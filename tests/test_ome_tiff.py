@@ -243,8 +243,8 @@ def test_progress_bars(tmp_path, capsys):
         progress=True,
     )
     printed = capsys.readouterr().err  # progress goes to stderr
-    assert "Completed" in printed  # dask, while staging
-    assert "100% OME-TIFF tiles" in printed
+    assert "\rfusing, staging level 0" in printed  # dask, while staging
+    assert "\rwriting TIFF level 0" in printed
 
 
 def test_distributed_client_scheduler(tmp_path, capsys):
@@ -268,8 +268,8 @@ def test_distributed_client_scheduler(tmp_path, capsys):
     assert [lv.shape for lv in levels] == [(2, 300, 200), (2, 150, 100), (2, 75, 50), (2, 38, 25)]
     np.testing.assert_array_equal(levels[0], data)
     printed = capsys.readouterr().err
-    assert "Completed" not in printed  # no local dask bar on a cluster; the tile bar is local
-    assert "100% OME-TIFF tiles" in printed
+    assert "staging level" not in printed  # no local dask progress on a cluster
+    assert "\rwriting TIFF level 0" in printed  # the tiles are written here
     assert leftovers(tmp_path, "d.ome.tif") == []
 
 

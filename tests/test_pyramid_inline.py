@@ -9,6 +9,7 @@ emulation of the kernels (tests/host_emulation), and on a real GPU in the ``gpu`
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -43,9 +44,16 @@ GPU_OK, GPU_WHY = gpu_status()
 
 
 def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store (metadata and chunks), by relative path."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file()}
+    """Every file of a store (metadata and chunks), by relative path; the group's provenance
+    record (``"gpufusion"``: backend, time) is left out of its attributes."""
+    files = {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+             if p.is_file()}
+    for name in (".zattrs", "zarr.json"):
+        if name in files:
+            node = json.loads(files[name])
+            (node.get("attributes", node)).pop("gpufusion", None)
+            files[name] = json.dumps(node, sort_keys=True).encode()
+    return files
 
 
 def assert_same_store(actual: Path, expected: Path) -> None:
@@ -285,7 +293,8 @@ def test_device_blocks_equal_numpy_readback(fake_gpu, tmp_path: Path, mode: str)
 def test_fuse_to_file_cupy_downsamples_on_device(fake_gpu, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     mosaic = make_mosaic((3, 3), (400, 400)).mosaic()
-    gpu = pipeline.fuse_to_file(mosaic, tmp_path / "gpu.ome.zarr", chunks=256, backend="cupy")
+    gpu = pipeline.fuse_to_file(mosaic, tmp_path / "gpu.ome.zarr", chunks=256, backend="cupy",
+                                name="m")
     shape = gpu.shape
     n_blocks = int(np.prod([-(-n // 256) for n in shape]))
     inline = n_inline_levels(shape, (256, 256), ("y", "x"))
@@ -296,7 +305,7 @@ def test_fuse_to_file_cupy_downsamples_on_device(fake_gpu, tmp_path: Path,
     monkeypatch.setattr(pipeline, "write_ome_zarr",
                         lambda *a, **k: write(*a, **{**k, "pyramid": "readback"}))
     cpu = pipeline.fuse_to_file(mosaic, tmp_path / "cpu.ome.zarr", chunks=256,
-                                backend="numpy")
+                                backend="numpy", name="m")
     assert_same_store(gpu.path, cpu.path)
 
 

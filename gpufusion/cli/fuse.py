@@ -11,8 +11,9 @@ from ..blend import BLEND_MODES, INTERPOLATIONS
 from ..errors import InputError
 from ..pipeline import FuseResult
 from ..writers.target import check_not_input, leftovers_notice, recover_interrupted
-from . import common_options, notice, show_progress
+from . import common_options, help_texts, notice, show_progress
 from .inputs import INPUT_HELP, add_input_options
+from .metadata import add_metadata_options, image_name, provenance, read_tilesets
 from .register import (
     add_registration_options,
     fuse_report_outputs,
@@ -90,9 +91,10 @@ def add_fusion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compression",
         choices=("blosc-zstd", "blosc-lz4", "zstd", "zlib", "lzw", "none"),
-        default="blosc-zstd",
-        help="compression (default: blosc-zstd for OME-Zarr; OME-TIFF takes zlib, lzw, zstd "
-        "or none, and uses zlib for blosc-*)",
+        default=None,
+        help="lossless compression; OME-Zarr takes blosc-zstd (default), blosc-lz4, zstd or "
+        "none; OME-TIFF takes zlib (default), lzw, zstd or none (lzw and zstd need "
+        "imagecodecs: pip install 'gpufusion[tiff]'); others are refused",
     )
 
 
@@ -100,14 +102,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fuse",
         parents=[common_options()],
-        help="fuse tiles listed in a positions file into an OME-Zarr image",
-        description="Fuse microscope tiles (Fiji TileConfiguration, positions CSV, OME-TIFF "
-        "stage positions, BigStitcher dataset.xml, CZI mosaic, or a regular grid) into a "
-        "multiscale OME-Zarr image.",
+        help="fuse tiles into an OME-Zarr image or a pyramidal OME-TIFF",
+        **help_texts(
+            "Fuse microscope tiles (Fiji TileConfiguration, positions CSV, OME-TIFF stage "
+            "positions, BigStitcher dataset.xml, CZI mosaic, or a regular grid) into one "
+            "multiscale image: an OME-Zarr folder for -o NAME.ome.zarr (or .zarr), a tiled "
+            "pyramidal OME-TIFF for -o NAME.ome.tif (or .ome.tiff, .tif, .tiff). Runs on the "
+            "GPU when one is usable, else on all CPU cores (with a notice).",
+            "gpufusion fuse TileConfiguration.txt -o slide.ome.zarr",
+            "gpufusion fuse experiment_folder/ -o slide.ome.tif --compression lzw",
+            "gpufusion fuse positions.csv -o slide.ome.zarr --register --max-shift 30 "
+            "--report report.html",
+        ),
     )
     p.add_argument("input", help=INPUT_HELP)
     p.add_argument("-o", "--output", required=True,
-                   help="out.ome.zarr (OME-Zarr folder) or out.ome.tif (pyramidal OME-TIFF)")
+                   help="NAME.ome.zarr or NAME.zarr (OME-Zarr folder), or NAME.ome.tif, "
+                   ".ome.tiff, .tif or .tiff (pyramidal OME-TIFF); other names are refused")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -115,14 +126,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "OME-TIFF file), only once the new result is complete; also removes temporary "
         "folders a stopped run left beside it",
     )
-    p.add_argument(
-        "--pixel-size",
-        type=float,
-        default=None,
-        metavar="UM",
-        help="physical pixel size written to the metadata (with --unit)",
-    )
-    p.add_argument("--unit", default="micrometer", help="unit of --pixel-size")
+    add_metadata_options(p)  # --pixel-size, --unit, --name
     p.add_argument("--gpus", default=None, metavar="LIST",
                    help="local GPUs to use, e.g. 0,1: one dask-cuda worker per GPU")
     p.add_argument("--threads-per-gpu", type=int, default=None, metavar="N",
@@ -152,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_output(args)
     if args.pixel_size is not None and not args.pixel_size > 0:
         raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
-    timepoints = tilesets_from_args(args)  # one unless --timepoint all
+    timepoints = read_tilesets(args, tilesets_from_args)  # one unless --timepoint all
     tiles = timepoints[0]
     if args.blend_width_z is not None and tiles.ndim != 3:
         raise InputError("--blend-width-z: applies to 3D tiles; these are 2D")
@@ -193,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
             kwargs["progress"] = False  # the dashboard shows progress on a cluster
             kwargs["scheduler"] = client
         result = fuse_to_file(mosaic, out, overwrite=args.overwrite,
-                              allow_sparse=args.allow_sparse, **kwargs)
+                              allow_sparse=args.allow_sparse,
+                              channel_names=tiles.channel_names, name=image_name(args),
+                              provenance=provenance(args, registered), **kwargs)
     write_fuse_reports(args, reports, registered)  # only once the image is complete
     if not args.quiet:
         print(summary(result, tiles.n_tiles))
@@ -210,9 +216,11 @@ def prepare_output(args: argparse.Namespace) -> Path:
     notice.
     """
     from ..pipeline import check_output_path
+    from ..writers.target import check_compression
 
     out = Path(args.output)
     check_not_input(out, [Path(args.input)])
+    args.compression = check_compression(out, args.compression)  # and the output's name
     for message in recover_interrupted(out, args.overwrite):
         notice(args, message)
     found = None if args.overwrite else leftovers_notice(out)

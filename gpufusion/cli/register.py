@@ -1,7 +1,8 @@
 """``gpufusion register INPUT -o positions.csv``: correct stage positions by registration.
 
 Writes the corrected positions as a CSV (``file,x,y[,z]``, pixels; direct ``fuse`` input;
-multi-channel input gets a ``channel`` column listing every channel's files) and the edge
+multi-channel input gets a ``channel`` column listing every channel's files), or for
+``-o *.txt`` as a Fiji TileConfiguration (:mod:`gpufusion.writers.tileconfig`), and the edge
 table beside it (``positions.edges.csv``); ``--report`` adds a picture of the
 layout (``.html``, ``.svg`` or ``.png``).
 
@@ -19,8 +20,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..layout import Mosaic
-from . import common_options, notice
+from . import common_options, help_texts, notice, show_progress
 from .inputs import INPUT_HELP, add_input_options
+from .metadata import add_metadata_options
 
 if TYPE_CHECKING:
     from ..registration import RegistrationResult
@@ -96,16 +98,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "register",
         parents=[common_options()],
         help="correct stage positions by registering overlapping tiles",
-        description="Correct the stage positions of a tile set: phase correlation of every "
-        "overlapping pair, then a global least-squares solve with outlier rejection. Writes "
-        "the corrected positions as a CSV (file,x,y[,z]; pixels) that fuse reads, and the "
-        "per-pair table beside it (NAME.edges.csv).",
+        **help_texts(
+            "Correct the stage positions of a tile set: phase correlation of every "
+            "overlapping pair, then a global least-squares solve with outlier rejection. "
+            "Writes the corrected positions (pixels) that 'gpufusion fuse' reads: a CSV "
+            "(file,x,y[,z][,channel]) for -o NAME.csv, or a Fiji TileConfiguration (what "
+            "Fiji's Grid/Collection stitching reads) for -o NAME.txt; and the per-pair table "
+            "beside it (NAME.edges.csv). Runs on the GPU when one is usable.",
+            "gpufusion register TileConfiguration.txt -o TileConfiguration.registered.txt",
+            "gpufusion register positions.csv -o registered.csv --max-shift 30 "
+            "--report report.html",
+            "gpufusion register experiment_folder/ -o registered.csv --reg-channel DAPI",
+        ),
     )
     p.add_argument("input", help=INPUT_HELP + " (nominal positions)")
-    p.add_argument("-o", "--output", required=True, help="corrected positions CSV to write")
+    p.add_argument("-o", "--output", required=True,
+                   help="corrected positions to write: NAME.csv (positions CSV) or NAME.txt "
+                   "(Fiji TileConfiguration, e.g. TileConfiguration.registered.txt)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (only once the new ones are complete)")
     add_input_options(p)
+    add_metadata_options(p, name=False)  # --pixel-size, --unit: recorded in the CSV
     p.add_argument(
         "--backend",
         choices=("auto", "numpy", "cupy"),
@@ -118,16 +131,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..registration import edges_path_for, write_positions_csv
+    from ..writers.tileconfig import write_tile_configuration
+    from .fuse import resolve_backend_with_notice
     from .inputs import tileset_from_args
+    from .metadata import read_tilesets
     from .outputs import check_outputs, input_files, staged
 
     out = Path(args.output)
     source = Path(args.input)
     if out.suffix.lower() not in (".csv", ".txt"):
-        raise InputError(f"-o {out}: the positions CSV must end in .csv or .txt")
+        raise InputError(f"-o {out}: must end in .csv or .txt (a positions CSV, or a Fiji "
+                         "TileConfiguration for .txt)")
+    fiji = out.suffix.lower() == ".txt"
     _check_report_path(args.report)
     outputs = [out, edges_path_for(out)] + ([Path(args.report)] if args.report else [])
-    tiles = tileset_from_args(args)
+    tiles = read_tilesets(args, tileset_from_args)  # --pixel-size/--unit applied
     check_outputs(outputs, [source, *input_files(tiles)] if source.is_file()
                   else input_files(tiles), args.overwrite)
     reg = tiles.select_channel(registration_channel(args))
@@ -141,15 +159,25 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{source}: channel names {tiles.channel_names} are not distinct and "
                          "non-empty, so a CSV channel column cannot tell them apart; use "
                          "'gpufusion fuse INPUT --register' instead")
+    if fiji and tiles.n_channels > 1:
+        raise InputError(f"-o {out}: a TileConfiguration lists one file per tile, and this "
+                         f"input has {tiles.n_channels} channels in separate files; write a "
+                         ".csv (it lists every channel's files)")
     if not all(np.allclose(a[:-1, :-1], np.eye(tiles.ndim)) for a in tiles.affines):
         raise InputError(f"{source}: registration corrects translations; this input has "
                          "rotated or scaled tiles")
-    result = _register(args, reg.mosaics()[0], args.backend)
+    backend = resolve_backend_with_notice(args)  # the no-GPU notice, as fuse gives it
+    result = _register(args, reg.mosaics()[0], backend)
     with staged(outputs) as tmp:
-        if tiles.n_channels == 1:
-            write_positions_csv(tmp[out], result.positions, files[0])
+        if fiji:
+            write_tile_configuration(tmp[out], result.positions, files[0],
+                                     pixel_size=tiles.pixel_size, unit=tiles.unit)
+        elif tiles.n_channels == 1:
+            write_positions_csv(tmp[out], result.positions, files[0],
+                                pixel_size=tiles.pixel_size, unit=tiles.unit)
         else:  # every channel, moved alike: fuse reads them back into the c axis
-            write_positions_csv(tmp[out], result.positions, files, tiles.channel_names)
+            write_positions_csv(tmp[out], result.positions, files, tiles.channel_names,
+                                pixel_size=tiles.pixel_size, unit=tiles.unit)
         result.write_edges_csv(tmp[outputs[1]])
         if args.report:
             result.write_report(tmp[outputs[2]])
@@ -183,6 +211,7 @@ def _register(args: argparse.Namespace, mosaic: Mosaic, backend: str) -> Registr
             backend=backend,
             min_ncc=args.min_ncc,
             max_residual=args.max_residual,
+            progress=show_progress(args),
         )
     for w in caught:
         if issubclass(w.category, RegistrationWarning):

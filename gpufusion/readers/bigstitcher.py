@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..units import convert_length
 from .n5 import N5DatasetSource
 from .ome_tiff import open_tiff_planes, tiff_series_planes
 from .safe_xml import parse_xml
@@ -740,6 +741,7 @@ def read_bigstitcher(
     timepoint: int | None = None,
     illumination: int | str | None = None,
     pixel_size: float | Sequence[float] | None = None,
+    unit: str | None = None,
 ) -> TileSet:
     """Read a BigStitcher / BigDataViewer ``dataset.xml`` into a 3D :class:`TileSet`.
 
@@ -755,7 +757,11 @@ def read_bigstitcher(
         Illumination id to read (default the first); ``"all"`` keeps every illumination
         as separate tiles.
     pixel_size : float or sequence of float, optional
-        Output pixel size (index order, the dataset's unit); default one world unit.
+        Output pixel size (index order) in ``unit``; default one world unit.
+    unit : str, optional
+        NGFF unit (or abbreviation) of ``pixel_size``; default the dataset's voxel unit.
+        Converted to the dataset's unit to resample; the TileSet keeps ``pixel_size`` in
+        ``unit``.
 
     Returns
     -------
@@ -785,11 +791,18 @@ def read_bigstitcher(
     views = [v for per_c in tiles.values() for v in per_c.values()]
     tps = sorted({t for t, _ in spim.views()})
     sources = _view_sources(spim, views, tps.index(tp))
-    unit_size, unit = world_unit(spim, views)
+    unit_size, world = world_unit(spim, views)
     size = normalise_pixel_size(pixel_size, 3, spim.path)
+    size_unit, resample = unit or world, size
+    if size is not None and unit is not None and unit_size is not None:
+        if world is None:
+            raise _fail(spim.path, f"voxel sizes have no length unit, so a pixel size in {unit} "
+                                   "cannot be related to them; give --pixel-size without "
+                                   "--unit (in the dataset's units)")
+        resample = tuple(convert_length(p, unit, world) for p in size)
     scale = np.eye(4)
-    if size is not None and unit_size is not None:
-        scale[:3, :3] = np.diag([u / p for u, p in zip(unit_size, size, strict=True)])
+    if resample is not None and unit_size is not None:
+        scale[:3, :3] = np.diag([u / p for u, p in zip(unit_size, resample, strict=True)])
     out_sources: list[list[Any]] = [[] for _ in channels]
     affines, names = [], []
     multi = {k: len({key[k] for key in tiles}) > 1 for k in (1, 2)}
@@ -815,7 +828,7 @@ def read_bigstitcher(
         names.append(f"tile {name}" + (f" angle {key[1]}" if multi[1] else "")
                      + (f" illumination {key[2]}" if every else ""))
     if size is None:
-        size = unit_size
+        size, size_unit = unit_size, world
     result = TileSet(out_sources, np.stack(affines), names, channel_names, size,
-                     unit if size is not None else None, spim.path)
+                     size_unit if size is not None else None, spim.path)
     return result

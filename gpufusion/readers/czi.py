@@ -307,6 +307,7 @@ def read_czi(
     channel: int | str | None = None,
     timepoint: int | None = None,
     pixel_size: float | tuple[float, ...] | None = None,
+    unit: str | None = None,
 ) -> TileSet:
     """Read the tiles of a CZI mosaic at the positions of its sub-block directory.
 
@@ -319,7 +320,10 @@ def read_czi(
     timepoint : int, optional
         Time index (``T``) to read; default the first.
     pixel_size : float or tuple of float, optional
-        Physical pixel size in micrometres, replacing the metadata's.
+        Physical pixel size in ``unit``, replacing the metadata's (positions are in pixels:
+        it is only metadata).
+    unit : str, optional
+        NGFF unit (or abbreviation) of ``pixel_size``; default micrometre.
 
     Returns
     -------
@@ -387,9 +391,11 @@ def read_czi(
     pos -= pos.min(axis=0)
     affines = np.stack([translation_affine(p) for p in pos])
     size = normalise_pixel_size(pixel_size, ndim, file)
+    size_unit = unit or "micrometer"
     if size is None:
         zyx = _pixel_size_um(metadata, file)[3 - ndim:]
         size = None if any(v is None for v in zyx) else tuple(float(v) for v in zyx)
+        size_unit = "micrometer"
     result = TileSet(sources, affines, names, _channel_names(metadata, len(channels)), size,
-                     "micrometer" if size is not None else None, file)
+                     size_unit if size is not None else None, file)
     return result if channel is None else result.select_channel(channel)

@@ -239,8 +239,12 @@ def read_tileset(
         Physical pixel size (index order, or one number). For positions files and grids it
         is only metadata; for OME-TIFF and CZI it replaces the metadata's size (OME-TIFF
         positions are converted with it); for BigStitcher it is the output pixel size.
+        Without it, positions files take the size of their ``# pixel_size`` comment line,
+        else the one their OME-TIFF tiles all give
+        (:func:`~gpufusion.readers.ome_tiff.tiles_pixel_size`).
     unit : str, optional
-        Unit of ``pixel_size`` for positions files and grids (default micrometre).
+        NGFF unit (or abbreviation) of ``pixel_size`` (default micrometre; for BigStitcher
+        the dataset's unit).
 
     Returns
     -------
@@ -279,20 +283,25 @@ def read_tileset(
         reader = {"tileconfig": read_tile_configuration, "csv": read_positions_csv}[fmt]
         table = reader(p) if format is not None else read_positions(p)
         sources = [open_tile(f) for f in table.files]
+        if pixel_size is None:  # the file's comment line, else the tiles' own metadata
+            from .ome_tiff import tiles_pixel_size
+
+            pixel_size, unit = ((table.pixel_size, table.unit) if table.pixel_size else
+                                tiles_pixel_size(table.files, table.ndim, p))
         result = tileset_from_positions(sources, table.positions, [str(f) for f in table.files],
                                         p, pixel_size=pixel_size, unit=unit,
                                         channels=table.channels)
     elif fmt == "ome-tiff":
         from .ome_tiff import read_ome_tiff
 
-        result = read_ome_tiff(p, timepoint=timepoint, pixel_size=pixel_size)
+        result = read_ome_tiff(p, timepoint=timepoint, pixel_size=pixel_size, unit=unit)
     elif fmt == "czi":
         from .czi import read_czi
 
-        result = read_czi(p, timepoint=timepoint, pixel_size=pixel_size)
+        result = read_czi(p, timepoint=timepoint, pixel_size=pixel_size, unit=unit)
     else:
         from .bigstitcher import read_bigstitcher
 
         return read_bigstitcher(p, channel=channel, timepoint=timepoint,
-                                illumination=illumination, pixel_size=pixel_size)
+                                illumination=illumination, pixel_size=pixel_size, unit=unit)
     return result if channel is None else result.select_channel(channel)

@@ -38,14 +38,15 @@ import numpy as np
 
 from ..errors import InputError
 from ..layout import translation_affine
+from ..units import convert_length, ngff_unit
 from .grid import natural_key
 from .images import PlanewiseSource, _quiet_tifffile, file_stamp
 from .listing import is_gpufusion_output, visible_files
 from .safe_xml import parse_xml
-from .tileset import TileSet, length_to_um, normalise_pixel_size
+from .tileset import MetadataWarning, TileSet, length_to_um, normalise_pixel_size
 
 __all__ = ["TiffPlanesSource", "ome_tiff_timepoints", "open_tiff_planes", "read_ome_tiff",
-           "tiff_series_planes"]
+           "tiff_series_planes", "tiles_pixel_size"]
 
 _CHANNEL_TOKEN = re.compile(r"(--|_|-)(C|c|CH|Ch|ch)(\d+)(?=$|[-_.])")
 _OME_SUFFIXES = (".ome.tif", ".ome.tiff")
@@ -649,6 +650,7 @@ def read_ome_tiff(
     channel: int | str | None = None,
     timepoint: int | None = None,
     pixel_size: float | Sequence[float] | None = None,
+    unit: str | None = None,
 ) -> TileSet:
     """Read OME-TIFF tiles and their stage positions into a :class:`TileSet`.
 
@@ -661,14 +663,16 @@ def read_ome_tiff(
     timepoint : int, optional
         Time index to read (default 0, the first).
     pixel_size : float or sequence of float, optional
-        Physical pixel size in micrometres (one number, or one per axis in index order);
+        Physical pixel size in ``unit`` (one number, or one per axis in index order);
         replaces ``PhysicalSizeX/Y/Z`` for converting positions to pixels.
+    unit : str, optional
+        NGFF unit (or abbreviation) of ``pixel_size``; default micrometre.
 
     Returns
     -------
     TileSet
         2D (``Y, X``) or 3D (``Z, Y, X``) tiles with translation affines in pixels; the
-        pixel size in micrometres.
+        pixel size in micrometres, or ``pixel_size`` in ``unit`` when given.
 
     Raises
     ------
@@ -699,6 +703,9 @@ def read_ome_tiff(
         )
     ndim = 3 if any(img.sizes["z"] > 1 for img in images) else 2
     override = normalise_pixel_size(pixel_size, ndim, root)
+    override_unit = ngff_unit(unit or "micrometer", "unit")
+    override_um = None if override is None else tuple(
+        convert_length(v, override_unit, "micrometer") for v in override)
     per_tile: list[list[Any]] = []  # [tile][channel]: sized by the planes found, not SizeC
     names, spacing, raw_positions = [], [], []
     for group in groups:
@@ -713,8 +720,8 @@ def read_ome_tiff(
                 channels.append(open_tiff_planes(planes, name=f"{img.label} C{len(channels)}"))
         per_tile.append(channels)
         sizes = tuple(first.physical[a] for a in "zyx"[3 - ndim:])
-        if override is not None:
-            sizes = override
+        if override_um is not None:
+            sizes = override_um
         elif any(s is None for s in sizes[-2:]):
             raise InputError(
                 f"{where}: no PhysicalSizeX/PhysicalSizeY in the OME-XML; give --pixel-size"
@@ -745,8 +752,11 @@ def read_ome_tiff(
     affines = np.stack([translation_affine(p) for p in pixels])
     sources = [list(tiles) for tiles in zip(*per_tile, strict=True)]
     channel_names = _channel_names(groups[0], len(sources))
-    tiles = TileSet(sources, affines, names, channel_names,
-                    tuple(float(s) for s in scale), "micrometer", root)
+    if override is not None:  # the pixel size as given, in its unit
+        tiles = TileSet(sources, affines, names, channel_names, override, override_unit, root)
+    else:
+        tiles = TileSet(sources, affines, names, channel_names,
+                        tuple(float(s) for s in scale), "micrometer", root)
     return tiles if channel is None else tiles.select_channel(channel)
 
 
@@ -800,3 +810,77 @@ def _channel_names(group: list[_Image], n: int) -> list[str]:
     if len(set(names)) != len(names):
         names = [f"{name} ({k})" for k, name in enumerate(names)]
     return names[:n]
+
+
+def _file_pixel_size(path: Path, ndim: int) -> tuple[float, ...] | None:
+    """``PhysicalSizeX/Y[/Z]`` (µm, index order) of the first Image in ``path``'s OME-XML;
+    None for a file without OME-XML or without a physical size (a missing ``Z`` is ``X``)."""
+    import tifffile
+
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path, is_ome=False) as tif:
+            description = tif.pages[0].description if len(tif.pages) else ""
+    except Exception:  # not a TIFF (PNG tiles), or unreadable: opening the tile says why
+        return None
+    if "<OME" not in description:
+        return None
+    try:  # the positions file places the tile: metadata it cannot use is no error
+        root = parse_xml(description, path, "OME-XML")
+        image = next((e for e in root if _local(e.tag) == "Image"), None)
+        pixels = None if image is None else next(iter(_children(image, "Pixels")), None)
+        if pixels is None:
+            return None
+        where = f"{path}: Image {image.get('ID', '?')}"  # type: ignore[union-attr]
+        size = {a: _length_um(pixels, f"PhysicalSize{a.upper()}", where) for a in "xyz"}
+    except InputError:
+        return None
+    if not (size["x"] and size["y"] and size["x"] > 0 and size["y"] > 0):
+        return None
+    if ndim == 3 and not (size["z"] and size["z"] > 0):
+        size["z"] = size["x"]
+    return tuple(float(size[a]) for a in "zyx"[3 - ndim:])  # type: ignore[arg-type]
+
+
+def tiles_pixel_size(
+    files: Sequence[Path], ndim: int, source: Path
+) -> tuple[tuple[float, ...] | None, str | None]:
+    """The pixel size the tile files' own OME-XML give, when they all give the same one.
+
+    For positions files (TileConfiguration, CSV) listing OME-TIFF tiles. Returns the size
+    (index order) in micrometres and ``"micrometer"``, or ``(None, None)``: when the first
+    file has no OME pixel size (plain TIFF, PNG; the others are then not opened),
+    silently; when only some have one, or they differ (by more than 1e-6 relative), with a
+    :class:`MetadataWarning` naming ``source`` and two of the files.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for k in range(2):
+    ...     tifffile.imwrite(d / f"t{k}.ome.tif", np.zeros((8, 8), np.uint8),
+    ...                      metadata={"axes": "YX", "PhysicalSizeX": 0.25,
+    ...                                "PhysicalSizeY": 0.25})
+    >>> tiles_pixel_size([d / "t0.ome.tif", d / "t1.ome.tif"], 2, d / "pos.csv")
+    ((0.25, 0.25), 'micrometer')
+    """
+    import warnings
+
+    if not files or _file_pixel_size(Path(files[0]), ndim) is None:
+        return None, None  # plain tiles: one look, not one per file
+    found = {Path(f): _file_pixel_size(Path(f), ndim) for f in files}
+    given = {f: size for f, size in found.items() if size is not None}
+    (first, ref), *_ = given.items()
+    if len(given) < len(found):
+        missing = next(f for f, size in found.items() if size is None)
+        warnings.warn(f"{source}: {len(given)} of {len(found)} tile files give a pixel size "
+                      f"in their OME-XML ({first.name}: {ref} µm) but {missing.name} gives "
+                      "none, so none is written; give --pixel-size", MetadataWarning,
+                      stacklevel=2)
+        return None, None
+    for f, size in given.items():
+        if any(abs(a / b - 1) > 1e-6 for a, b in zip(size, ref, strict=True)):
+            warnings.warn(f"{source}: tile files give different pixel sizes ({first.name}: "
+                          f"{ref} µm, {f.name}: {size} µm, index order), so none is written; "
+                          "give --pixel-size", MetadataWarning, stacklevel=2)
+            return None, None
+    return ref, "micrometer"

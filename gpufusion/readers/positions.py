@@ -29,6 +29,15 @@ CSV::
 Columns may come in any order, names are case-insensitive, extra columns are ignored,
 ``#`` lines are comments.
 
+Pixel size: either format may carry the physical pixel size in a comment line (which
+Fiji and other readers skip), one number per axis in file order ``x, y[, z]`` (or one
+for all) and an NGFF unit or abbreviation (default micrometre)::
+
+    # pixel_size (x, y): 0.2405 0.2405 micrometer
+
+``gpufusion register`` writes it when the input knows its pixel size
+(:func:`pixel_size_comment`); :class:`PositionTable` holds it in index order.
+
 The optional ``channel`` column makes a multi-channel tile set, one file per channel per
 tile (as ``gpufusion register`` writes for multi-channel input)::
 
@@ -66,6 +75,7 @@ from gpufusion.readers.paths import os_error_message
 
 __all__ = [
     "PositionTable",
+    "pixel_size_comment",
     "positions_format",
     "read_positions",
     "read_positions_csv",
@@ -77,6 +87,11 @@ _DIM_RE = re.compile(r"^dim\s*=\s*(?P<value>.*?)\s*$", re.IGNORECASE)
 # "name; [series;] (c0, c1[, c2])" with free whitespace; the name may hold ';'.
 _TILE_RE = re.compile(
     r"^(?P<file>.+?)\s*;\s*(?:(?P<series>[^;()]*?)\s*;\s*)?\((?P<coords>[^()]*)\)\s*$"
+)
+# "# pixel_size (x, y): 0.2405 0.2405 micrometer"
+_PIXEL_SIZE_RE = re.compile(
+    r"^#\s*pixel[_ ]size\s*(?:\((?P<axes>[^()]*)\))?\s*[:=]\s*(?P<rest>.*?)\s*$",
+    re.IGNORECASE,
 )
 
 
@@ -101,6 +116,10 @@ class PositionTable:
         ``None`` for single-channel files (the default). When given, every channel has the
         same number of rows; tile ``t`` of a channel is its ``t``-th row (see
         :meth:`channel_rows`).
+    pixel_size : tuple of float or None
+        Physical pixel size per axis, index order, from a ``# pixel_size`` comment line.
+    unit : str or None
+        Its NGFF unit (``"micrometer"`` when the line names none).
 
     Examples
     --------
@@ -116,6 +135,8 @@ class PositionTable:
     ndim: int
     source: Path
     channels: list[str] | None = None
+    pixel_size: tuple[float, ...] | None = None
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         positions = np.array(self.positions, dtype=np.float64)
@@ -268,19 +289,83 @@ class _TileResolver:
         return resolved
 
 
+def pixel_size_comment(pixel_size: tuple[float, ...] | list[float], unit: str | None) -> str:
+    """The comment line that records a pixel size (index order) in a positions file.
+
+    Examples
+    --------
+    >>> pixel_size_comment((0.2405, 0.2405), "micrometer")
+    '# pixel_size (x, y): 0.2405 0.2405 micrometer'
+    >>> pixel_size_comment((2.0, 0.5, 0.5), "um")
+    '# pixel_size (x, y, z): 0.5 0.5 2 micrometer'
+    """
+    from ..units import ngff_unit
+
+    values = [float(v) for v in pixel_size][::-1]
+    axes = ", ".join(_AXES[: len(values)])
+    numbers = " ".join(f"{v:.10g}" for v in values)
+    return f"# pixel_size ({axes}): {numbers} {ngff_unit(unit or 'micrometer')}"
+
+
+def _pixel_size(
+    source: Path, lines: list[str], ndim: int
+) -> tuple[tuple[float, ...] | None, str | None]:
+    """The ``# pixel_size`` comment line's size (index order) and NGFF unit, if any."""
+    from ..units import ngff_unit
+
+    found: tuple[tuple[float, ...] | None, str | None] = (None, None)
+    first = 0
+    for number, raw in enumerate(lines, start=1):
+        match = _PIXEL_SIZE_RE.match(raw.strip())
+        if match is None:
+            continue
+        if first:
+            raise _fail(source, number, f"pixel_size is given twice (first on line {first})")
+        first = number
+        axes = [a.strip().lower() for a in (match.group("axes") or "").split(",") if a.strip()]
+        words = match.group("rest").replace(",", " ").split()
+        unit = "micrometer"
+        if words and not _is_number(words[-1]):
+            unit = ngff_unit(words.pop(), f"{source}:{number}: pixel_size unit")
+        if not words or not all(_is_number(w) for w in words):
+            raise _fail(source, number, "malformed pixel_size line; expected e.g. "
+                        f"'{pixel_size_comment((1.0,) * ndim, 'micrometer')}'")
+        values = [float(w) for w in words]
+        if axes and axes != list(_AXES[: len(values)]):
+            raise _fail(source, number, f"pixel_size axes ({', '.join(axes)}) must be "
+                        f"({', '.join(_AXES[:len(values)])}) for {len(values)} values")
+        if len(values) == 1:
+            values *= ndim
+        if len(values) != ndim or not all(math.isfinite(v) and v > 0 for v in values):
+            raise _fail(source, number, f"pixel_size needs 1 or {ndim} positive numbers "
+                        f"({', '.join(_AXES[:ndim])}), got {words}")
+        found = (tuple(values[::-1]), unit)
+    return found
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _finish(
     source: Path,
     files: list[Path],
     rows: list[list[float]],
     ndim: int,
     channels: list[str] | None = None,
+    lines: list[str] | None = None,
 ) -> PositionTable:
     """Build the table, reversing file order (x, y[, z]) into index order."""
     if not files:
         raise _fail(source, None, "no tiles listed")
     positions = np.asarray(rows, dtype=np.float64)[:, ::-1]
+    size, unit = _pixel_size(source, lines or [], ndim)
     return PositionTable(files=files, positions=positions, ndim=ndim, source=source,
-                         channels=channels)
+                         channels=channels, pixel_size=size, unit=unit)
 
 
 #: Largest difference, in pixels, between the positions one tile gets in two channels.
@@ -411,7 +496,7 @@ def read_tile_configuration(path: str | os.PathLike[str]) -> PositionTable:
         rows.append(row)
     if ndim is None:
         raise _fail(source, None, "no 'dim = 2' or 'dim = 3' line; not a TileConfiguration file")
-    return _finish(source, files, rows, ndim)
+    return _finish(source, files, rows, ndim, lines=lines)
 
 
 def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
@@ -511,10 +596,10 @@ def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
             source, None, "empty CSV; expected a header with columns file,x,y[,z][,channel]"
         )
     if "channel" not in columns:
-        return _finish(source, files, rows, ndim)
+        return _finish(source, files, rows, ndim, lines=lines)
     if files:
         _check_channels(source, channels, rows, row_lines, ndim)
-    return _finish(source, files, rows, ndim, channels)
+    return _finish(source, files, rows, ndim, channels, lines=lines)
 
 
 def positions_format(path: str | os.PathLike[str]) -> str:

@@ -26,8 +26,13 @@ from ..layout import Mosaic, mosaic_from_affines, translation_affine
 from ..sources import TileSource
 from .positions import CHANNEL_POSITION_TOLERANCE
 
-__all__ = ["LENGTH_UNITS", "TileSet", "length_to_um", "ngff_length_unit",
+__all__ = ["LENGTH_UNITS", "MetadataWarning", "TileSet", "length_to_um", "ngff_length_unit",
            "tileset_from_positions"]
+
+
+class MetadataWarning(UserWarning):
+    """A reader left out physical metadata the input was not clear about (the command line
+    shows it as a notice)."""
 
 #: Length units accepted in OME-XML (and BigStitcher XML), in micrometres.
 LENGTH_UNITS: dict[str, float] = {
@@ -127,6 +132,10 @@ class TileSet:
                     f"numbers, got {size}"
                 )
             object.__setattr__(self, "pixel_size", size)
+        if self.unit is not None:
+            from ..units import ngff_unit
+
+            object.__setattr__(self, "unit", ngff_unit(self.unit, f"{self.source}: unit"))
         for t in range(n):
             shapes = {tuple(ch[t].shape) for ch in self.sources}
             if len(shapes) > 1:
@@ -173,6 +182,34 @@ class TileSet:
             )
             for channel, cname in zip(self.sources, self.channel_names, strict=True)
         ]
+
+    def in_unit(self, unit: str, what: str = "unit") -> TileSet:
+        """The same TileSet with its pixel size converted to ``unit`` (an NGFF unit name or
+        abbreviation).
+
+        Raises
+        ------
+        InputError
+            Naming ``what`` (e.g. ``--unit``), for an unknown unit or a TileSet without a
+            pixel size (nothing to convert).
+
+        Examples
+        --------
+        >>> ts = tileset_from_positions([np.zeros((4, 4))], np.zeros((1, 2)), ["a"], Path("."),
+        ...                             pixel_size=0.2405)
+        >>> ts.in_unit("nm").pixel_size, ts.in_unit("nm").unit
+        ((240.5, 240.5), 'nanometer')
+        """
+        from ..units import convert_length, ngff_unit
+
+        target = ngff_unit(unit, what)
+        if self.pixel_size is None:
+            raise InputError(f"{what} {unit}: {self.source} gives no pixel size to convert; "
+                             "give the pixel size with --pixel-size (in this unit)")
+        size = tuple(convert_length(p, self.unit or "micrometer", target)
+                     for p in self.pixel_size)
+        return TileSet(self.sources, self.affines, self.names, self.channel_names, size, target,
+                       self.source)
 
     def select_channel(self, channel: int | str) -> TileSet:
         """Return a TileSet holding only ``channel`` (an index or a channel name).

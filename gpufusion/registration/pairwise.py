@@ -50,6 +50,7 @@ import scipy.ndimage
 from ..backends import BACKENDS, gpu_status
 from ..errors import InputError
 from ..layout import Mosaic
+from ..progress import Progress
 from ..spatial import overlapping_pairs
 from .refine import ALGORITHMS as ALGORITHM_NAMES
 from .refine import (
@@ -502,6 +503,7 @@ def measure_pairs(
     n_peaks: int = 2,
     algorithm: str = "auto",
     batch_pixels: int | None = None,
+    progress: bool = False,
 ) -> PairMeasurements:
     """Measure the offset of every candidate pair (see the module docs for the method).
 
@@ -523,6 +525,9 @@ def measure_pairs(
         ``batched`` on CuPy).
     batch_pixels : int, optional
         Window pixels per batch (default 2**23 on NumPy, 2**26 on CuPy).
+    progress : bool
+        Show a ``registering pairs`` line on stderr (pairs done/total, rate, ETA; counted
+        per batch; :class:`gpufusion.progress.Progress`).
 
     Returns
     -------
@@ -569,23 +574,26 @@ def measure_pairs(
     groups: dict[tuple[int, ...], list[int]] = {}
     for p in np.flatnonzero(win.shape[:, 0] > 0):
         groups.setdefault(tuple(int(v) for v in win.shape[p]), []).append(int(p))
-    for shape, members in groups.items():
-        per_batch = max(1, budget // int(np.prod(shape)))
-        for k in range(0, len(members), per_batch):
-            idx = np.asarray(members[k : k + per_batch])
-            batch = _load_batch(ops, mosaic, pairs, win, idx, algorithm)
-            if np.any(ms > 0):
-                s, conf, height, wall = _register_batch(ops, batch, n_peaks)
-                at_limit[idx] = wall
-            else:  # nothing may move: score the nominal offsets only
-                s = (batch.s_lo + batch.s_hi) / 2  # the nominal window shift, |s| < 1
-                near = np.round(s).astype(np.int64)[:, None, :]
-                conf = score(batch, near, batch.valid(near))[:, 0]
-                height = np.full(len(idx), np.nan)
-            # t_j - t_i = s + start_i - start_j; shift = that minus the nominal offset
-            shift[idx] = s + win.start_i[idx] - win.start_j[idx] - nominal[idx]
-            ncc[idx] = conf
-            peak[idx] = height
+    with Progress("registering pairs", sum(len(g) for g in groups.values()), unit="pairs",
+                  enabled=progress) as bar:
+        for shape, members in groups.items():
+            per_batch = max(1, budget // int(np.prod(shape)))
+            for k in range(0, len(members), per_batch):
+                idx = np.asarray(members[k : k + per_batch])
+                batch = _load_batch(ops, mosaic, pairs, win, idx, algorithm)
+                if np.any(ms > 0):
+                    s, conf, height, wall = _register_batch(ops, batch, n_peaks)
+                    at_limit[idx] = wall
+                else:  # nothing may move: score the nominal offsets only
+                    s = (batch.s_lo + batch.s_hi) / 2  # the nominal window shift, |s| < 1
+                    near = np.round(s).astype(np.int64)[:, None, :]
+                    conf = score(batch, near, batch.valid(near))[:, 0]
+                    height = np.full(len(idx), np.nan)
+                # t_j - t_i = s + start_i - start_j; shift = that minus the nominal offset
+                shift[idx] = s + win.start_i[idx] - win.start_j[idx] - nominal[idx]
+                ncc[idx] = conf
+                peak[idx] = height
+                bar.update(len(idx))
     shift[~np.isfinite(ncc)] = np.nan
     return PairMeasurements(pairs, nominal, shift, ncc, peak, win.shape, at_limit, name,
                             time.perf_counter() - t0)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..layout import Mosaic, translation_affine
+from ..progress import Progress
 from .pairwise import (
     PairMeasurements,
     candidate_pairs,
@@ -217,6 +218,7 @@ def register_mosaic(
     pairs: np.ndarray | None = None,
     quality: bool = True,
     algorithm: str = "auto",
+    progress: bool = False,
 ) -> RegistrationResult:
     """Correct stage-position errors of a translation-only mosaic.
 
@@ -246,6 +248,9 @@ def register_mosaic(
         Compute the mean overlap NCC before and after (reads the overlaps once more).
     algorithm : {"auto", "slices", "batched"}
         See :func:`~gpufusion.registration.measure_pairs`.
+    progress : bool
+        Show one line per stage on stderr: ``registering pairs`` (pairs done/total, rate,
+        ETA), ``solving positions``, ``scoring overlaps`` (:mod:`gpufusion.progress`).
 
     Returns
     -------
@@ -282,14 +287,15 @@ def register_mosaic(
         raise InputError(f"anchor: tile index {anchor} outside [0, {n})")
     if pairs is None:
         pairs = candidate_pairs(mosaic, max_shift=ms)
-    meas = measure_pairs(mosaic, pairs, max_shift=ms, backend=name, algorithm=algorithm)
+    meas = measure_pairs(mosaic, pairs, max_shift=ms, backend=name, algorithm=algorithm,
+                         progress=progress)
     status = _classify(meas, ms, min_ncc)
     pairs = meas.pairs
     m = len(pairs)
     weight = edge_weights(meas.ncc, _overlap_pixels(meas.offset, mosaic.tile_shapes, pairs))
     t1 = time.perf_counter()
     solved = solve_positions(nominal, pairs, meas.offset, weight, usable=status == "kept",
-                             max_residual=max_residual, anchor=anchor)
+                             max_residual=max_residual, anchor=anchor, progress=progress)
     status[solved.rejected] = "residual"
     t2 = time.perf_counter()
     weight = np.where(solved.kept, weight, 0.0)
@@ -300,8 +306,10 @@ def register_mosaic(
         # every pair that overlaps before or after, diagonal neighbours included
         scored = np.unique(np.concatenate([overlapping_tile_pairs(mosaic, nominal),
                                            overlapping_tile_pairs(mosaic, positions)]), axis=0)
-        before = _nanmean(overlap_ncc(mosaic, scored, nominal))
-        after = _nanmean(overlap_ncc(mosaic, scored, positions))
+        with Progress("scoring overlaps", 2 * len(scored), unit="pairs",
+                      enabled=progress) as bar:
+            before = _nanmean(_counted_ncc(mosaic, scored, nominal, bar))
+            after = _nanmean(_counted_ncc(mosaic, scored, positions, bar))
     t3 = time.perf_counter()
     degree = np.bincount(pairs[solved.kept].ravel(), minlength=n) if m else np.zeros(n, int)
     unregistered = np.flatnonzero(degree == 0) if n > 1 else np.zeros(0, np.int64)
@@ -329,6 +337,18 @@ def _classify(meas: PairMeasurements, max_shift: np.ndarray, min_ncc: float) -> 
                                     axis=1)
     status[(status == "kept") & beyond] = "max_shift"
     return status
+
+
+def _counted_ncc(mosaic: Mosaic, pairs: np.ndarray, positions: np.ndarray, bar: Progress,
+                 step: int = 16) -> np.ndarray:
+    """:func:`overlap_ncc` of ``pairs``, ``step`` pairs at a time, counted on ``bar``."""
+    if not bar.enabled:
+        return overlap_ncc(mosaic, pairs, positions)
+    parts = [np.zeros(0)]
+    for k in range(0, len(pairs), step):
+        parts.append(overlap_ncc(mosaic, pairs[k : k + step], positions))
+        bar.update(len(parts[-1]))
+    return np.concatenate(parts)
 
 
 def _nanmean(values: np.ndarray) -> float:

@@ -25,8 +25,8 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from .register import RegistrationResult
 
-__all__ = ["REPORT_SUFFIXES", "edges_path_for", "write_edges_csv", "write_positions_csv",
-           "write_report"]
+__all__ = ["REPORT_SUFFIXES", "edges_path_for", "summary_record", "write_edges_csv",
+           "write_positions_csv", "write_report"]
 
 REPORT_SUFFIXES = (".html", ".htm", ".svg", ".png")
 _AXES = ("x", "y", "z")
@@ -38,8 +38,15 @@ def _fmt(v: float) -> str:
 
 def write_positions_csv(path: str | Path, positions: np.ndarray,
                         files: Sequence[str | Path] | Sequence[Sequence[str | Path]],
-                        channel_names: Sequence[str] | None = None) -> Path:
+                        channel_names: Sequence[str] | None = None,
+                        pixel_size: Sequence[float] | None = None,
+                        unit: str | None = None) -> Path:
     """Write tile positions as ``file,x,y[,z]`` (pixels; positions given in index order).
+
+    With ``pixel_size`` (index order; ``unit`` default micrometre) the first line is the
+    comment ``# pixel_size (x, y[, z]): ... UNIT``
+    (:func:`gpufusion.readers.positions.pixel_size_comment`), which the positions reader
+    reads back, so fusing the CSV keeps the input's pixel size.
 
     With ``channel_names``, ``files[c]`` lists channel ``c``'s file of every tile and the
     CSV gets a ``channel`` column: one row per channel and tile, grouped by channel, every
@@ -68,6 +75,12 @@ def write_positions_csv(path: str | Path, positions: np.ndarray,
     b.tif,90.2500,2.5000,DAPI
     a1.tif,0.0000,0.0000,GFP
     b1.tif,90.2500,2.5000,GFP
+    >>> p = write_positions_csv(d / "pos3.csv", np.array([[0.0, 0.0]]), [d / "a.tif"],
+    ...                         pixel_size=(0.2405, 0.2405), unit="micrometer")
+    >>> print(p.read_text().strip())
+    # pixel_size (x, y): 0.2405 0.2405 micrometer
+    file,x,y
+    a.tif,0.0000,0.0000
     """
     out = Path(path)
     pos = np.asarray(positions, dtype=np.float64)
@@ -81,6 +94,10 @@ def write_positions_csv(path: str | Path, positions: np.ndarray,
     ndim = pos.shape[1]
     base = out.resolve().parent
     with open(out, "w", newline="", encoding="utf-8") as fh:
+        if pixel_size is not None:
+            from ..readers.positions import pixel_size_comment
+
+            fh.write(pixel_size_comment(tuple(pixel_size), unit) + "\n")
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["file", *_AXES[:ndim], *(["channel"] if channel_names else [])])
         for c, names in enumerate(per_channel):
@@ -172,6 +189,44 @@ def summary_lines(result: RegistrationResult) -> list[str]:
     if len(result.unregistered):
         lines.append(f"tiles without a reliable edge: {len(result.unregistered)}")
     return lines
+
+
+def summary_record(result: RegistrationResult) -> dict:
+    """The registration summary as JSON values, for the output's provenance record.
+
+    Keys: ``tiles``, ``pairs``, ``kept``, ``dropped`` (count per reason), ``residual_rms_px``
+    and ``residual_max_px`` (kept pairs; None without any), ``mean_ncc_before``,
+    ``mean_ncc_after`` (None when not measured), ``unregistered_tiles``, ``backend``.
+
+    Examples
+    --------
+    >>> from gpufusion.synthetic import make_mosaic
+    >>> from gpufusion.registration import register_mosaic
+    >>> syn = make_mosaic((1, 2), (64, 64), overlap=0.25, stage_error=2, seed=0)
+    >>> record = summary_record(register_mosaic(syn.mosaic(syn.stage_positions), max_shift=5,
+    ...                                         backend="numpy"))
+    >>> record["tiles"], record["pairs"], record["kept"]
+    (2, 1, 1)
+    """
+    edges = result.edges
+    counts = edges.counts()
+    residual = edges.residual[edges.kept] if counts.get("kept", 0) else np.zeros(0)
+
+    def number(value: float) -> float | None:
+        return round(float(value), 6) if np.isfinite(value) else None
+
+    return {
+        "tiles": int(len(result.positions)),
+        "pairs": int(len(edges)),
+        "kept": int(counts.get("kept", 0)),
+        "dropped": {str(k): int(v) for k, v in counts.items() if k != "kept"},
+        "residual_rms_px": number(np.sqrt(np.mean(residual**2))) if residual.size else None,
+        "residual_max_px": number(residual.max()) if residual.size else None,
+        "mean_ncc_before": number(result.mean_ncc_before),
+        "mean_ncc_after": number(result.mean_ncc_after),
+        "unregistered_tiles": int(len(result.unregistered)),
+        "backend": str(result.backend),
+    }
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import scipy.sparse.csgraph
 import scipy.sparse.linalg
 
 from ..errors import InputError
+from ..progress import Progress
 
 __all__ = ["SolveResult", "solve_positions"]
 
@@ -88,6 +89,7 @@ def solve_positions(
     anchor: int | None = None,
     max_iterations: int = 100,
     robust: bool = True,
+    progress: bool = False,
 ) -> SolveResult:
     """Tile positions that best agree with the pairwise offsets (see module docs).
 
@@ -114,6 +116,9 @@ def solve_positions(
         Start with iteratively reweighted least squares (Cauchy weights): edges that
         disagree with the robust solution by more than ``max_residual`` are dropped before
         the rejection loop.
+    progress : bool
+        Show a ``solving positions`` line on stderr counting the least-squares solves
+        (:class:`gpufusion.progress.Progress`).
 
     Returns
     -------
@@ -146,17 +151,20 @@ def solve_positions(
         raise InputError(f"anchor: tile index {anchor} outside [0, {n})")
     rejected = np.zeros(m, dtype=bool)
     iterations = 0
+    bar = Progress("solving positions", unit="solves", enabled=progress)  # total unknown ahead
     if robust and kept.any():
         # iteratively reweighted least squares (Cauchy weights, scale max_residual / 2):
         # outliers lose their pull before any edge is judged by its residual
         comp = _components(n, pairs[kept])
         anchor_k = _pick_anchor(comp, anchor)
         x = _least_squares(nominal, pairs[kept], offsets[kept], w[kept], comp, anchor_k)
+        bar.update(1)
         for _ in range(ROBUST_ITERATIONS):
             iterations += 1
             res = _residuals(x, pairs[kept], offsets[kept])
             w_eff = w[kept] / (1.0 + (2.0 * res / max_residual) ** 2)
             x_new = _least_squares(nominal, pairs[kept], offsets[kept], w_eff, comp, anchor_k)
+            bar.update(1)
             moved = np.abs(x_new - x).max(initial=0.0)
             x = x_new
             if moved < 1e-4:
@@ -169,6 +177,7 @@ def solve_positions(
         comp = _components(n, pairs[kept])
         anchor_k = _pick_anchor(comp, anchor)
         x = _least_squares(nominal, pairs[kept], offsets[kept], w[kept], comp, anchor_k)
+        bar.update(1)
         res = _residuals(x, pairs, offsets)
         worst = np.max(res[kept], initial=0.0)
         if worst <= max_residual or iterations >= max_iterations:
@@ -176,6 +185,7 @@ def solve_positions(
         drop = _worst_edges(pairs, res, w, kept & (res > max(max_residual, 0.5 * worst)), n)
         kept &= ~drop
         rejected |= drop
+    bar.close()
     comp, unplaced = _relabel(comp, anchor_k)
     x = _place_components(x, nominal, comp, pairs)
     return SolveResult(x, kept, rejected, _residuals(x, pairs, offsets), comp, unplaced,

@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +57,11 @@ import zarr
 from dask.system import CPU_COUNT
 
 from gpufusion.errors import InputError
+from gpufusion.progress import Progress
 from gpufusion.pyramid import SPATIAL_AXES, downsampled_shape, pyramid_factors, pyramid_level
 from gpufusion.writers.ome_zarr import (
     DEFAULT_CHUNK,
+    _check_extra_attributes,
     _check_image,
     _check_target,
     _codec_settings,
@@ -73,6 +73,7 @@ from gpufusion.writers.ome_zarr import (
     _scheduler_for,
     _sibling_dir,
     _store_level,
+    check_channels,
 )
 
 #: Compression presets: name -> description. All are lossless.
@@ -173,7 +174,7 @@ def _tiff_settings(tile: int | Sequence[int], compression: str, dtype: np.dtype)
         except (KeyError, ImportError):
             raise InputError(
                 f"compression {compression!r} needs the imagecodecs package (pip install "
-                "imagecodecs); 'zlib' needs nothing extra"
+                "'gpufusion[tiff]'); 'zlib' needs nothing extra"
             ) from None
     return _TiffSettings(
         tile=_check_tile(tile),
@@ -195,20 +196,35 @@ def _check_ome_image(image: Any) -> None:
         raise InputError(f"image shape {tuple(image.shape)} is empty; OME-TIFF needs pixels")
 
 
-def _check_channel_names(
-    names: Sequence[str] | None, shape: tuple[int, ...], axes: tuple[str, ...]
-) -> list[str] | None:
-    if names is None:
-        return None
-    n_channels = shape[axes.index("c")] if "c" in axes else 1
-    if isinstance(names, str) or len(names) != n_channels:
-        raise InputError(
-            f"channel_names {names!r}: need a list of {n_channels} names, one per channel"
-        )
-    return [str(n) for n in names]
-
-
 # ------------------------------------------------------------------------------ metadata
+
+
+def ome_color(rrggbb: str) -> int:
+    """An ``RRGGBB`` colour as OME-XML writes it: RGBA packed in a signed 32-bit integer.
+
+    Examples
+    --------
+    >>> ome_color("FFFFFF"), ome_color("00FF00")
+    (-1, 16711935)
+    """
+    value = (int(rrggbb, 16) << 8) | 0xFF
+    return value - 2**32 if value >= 2**31 else value
+
+
+def _map_annotations(attributes: dict[str, Any]) -> list[dict[str, Any]]:
+    """One OME ``MapAnnotation`` per top-level key (its ``Namespace``): key/value strings,
+    nested values as JSON."""
+    import json
+
+    annotations = []
+    for namespace, entries in attributes.items():
+        values = entries if isinstance(entries, dict) else {"value": entries}
+        annotations.append({
+            "Namespace": namespace,
+            "Value": {str(k): v if isinstance(v, str) else json.dumps(v)
+                      for k, v in values.items()},
+        })
+    return annotations
 
 
 def _ome_metadata(
@@ -218,6 +234,8 @@ def _ome_metadata(
     channel_names: list[str] | None,
     origin: bool,
     name: str,
+    channel_colors: list[str] | None = None,
+    attributes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """tifffile ``metadata`` for the OME-XML of level 0 (planes in XYZCT order)."""
     axes = geometry.axes
@@ -235,8 +253,15 @@ def _ome_metadata(
             meta[f"PhysicalSize{axis.upper()}"] = size
             if symbol:
                 meta[f"PhysicalSize{axis.upper()}Unit"] = symbol
+    channel: dict[str, Any] = {}
     if channel_names is not None:
-        meta["Channel"] = {"Name": channel_names}
+        channel["Name"] = channel_names
+    if channel_colors is not None:
+        channel["Color"] = [ome_color(c) for c in channel_colors]
+    if channel:
+        meta["Channel"] = channel
+    if attributes:
+        meta["MapAnnotation"] = _map_annotations(attributes)
     if origin:
         planes = [dict(zip(axes[:-2], index, strict=True)) for index in np.ndindex(shape[:-2])]
         plane: dict[str, list[Any]] = {}
@@ -326,12 +351,14 @@ def _stage_levels(
     group = zarr.create_group(store=str(folder), zarr_format=2, overwrite=True)
     codec = _codec_settings(_STAGE_COMPRESSOR, 2, axes)
     run = {"scheduler": scheduler, "progress": progress}
-    levels = [_store_level(image, group, "0", chunks, codec, **run)]
+    levels = [_store_level(image, group, "0", chunks, codec, label="fusing, staging level 0",
+                           **run)]
     for level, factors in enumerate(plan, start=1):
         out_chunks = _level_chunks(chunks, downsampled_shape(levels[-1].shape, factors))
         read_chunks = tuple(c * f for c, f in zip(out_chunks, factors, strict=True))
         lower = pyramid_level(da.from_zarr(levels[-1], chunks=read_chunks), factors, out_chunks)
-        levels.append(_store_level(lower, group, str(level), chunks, codec, **run))
+        levels.append(_store_level(lower, group, str(level), chunks, codec,
+                                   label=f"staging level {level}", **run))
     return levels
 
 
@@ -354,32 +381,6 @@ def _tiles(level: zarr.Array, tile: tuple[int, int]) -> Iterator[np.ndarray]:
                 yield tiles.pop()
 
 
-class _TileProgress:
-    """A one-line text progress bar over the tiles of every level, on stderr."""
-
-    def __init__(self, total: int, width: int = 40) -> None:
-        self.total, self.width, self.done = max(total, 1), width, 0
-        self.start = self.shown = time.perf_counter()
-
-    def count(self, tiles: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        for item in tiles:
-            self.done += 1
-            if time.perf_counter() - self.shown > 0.1 or self.done == self.total:
-                self._draw()
-            yield item
-
-    def _draw(self) -> None:
-        self.shown = time.perf_counter()
-        filled = int(self.width * self.done / self.total)
-        bar = "#" * filled + " " * (self.width - filled)
-        percent = 100 * self.done // self.total
-        elapsed = self.shown - self.start
-        sys.stderr.write(f"\r[{bar}] | {percent:3d}% OME-TIFF tiles | {elapsed:.1f}s")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def _tile_count(shape: tuple[int, ...], tile: tuple[int, int]) -> int:
     planes = math.prod(shape[:-2])
     return planes * math.ceil(shape[-2] / tile[0]) * math.ceil(shape[-1] / tile[1])
@@ -398,15 +399,17 @@ def _write_tiff(
     workers = int(dask.config.get("num_workers", None) or CPU_COUNT)
     ty, tx = settings.tile
     itemsize = np.dtype(levels[0].dtype).itemsize
-    bar = _TileProgress(sum(_tile_count(lv.shape, settings.tile) for lv in levels))
-    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+    # bars: an error or Ctrl-C ends the progress line before the message is printed
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif, ExitStack() as bars:
         factor = 1
         for k, level in enumerate(levels):
             if k:
                 factor *= 2
-            tiles = _tiles(level, settings.tile)
+            bar = bars.enter_context(Progress(f"writing TIFF level {k}", unit="tiles",
+                                              total=_tile_count(level.shape, settings.tile),
+                                              enabled=progress))
             tif.write(
-                bar.count(tiles) if progress else tiles,
+                bar.iterate(_tiles(level, settings.tile)),
                 shape=level.shape,
                 dtype=level.dtype,
                 tile=settings.tile,
@@ -422,6 +425,7 @@ def _write_tiff(
                 buffersize=max(workers * _TILES_PER_WORKER, 8) * ty * tx * itemsize,
                 **_resolution(geometry, physical, factor),
             )
+            bar.close()
 
 
 # ---------------------------------------------------------------------------- public API
@@ -436,6 +440,8 @@ def write_ome_tiff(
     unit: str | None = None,
     origin: Sequence[float] | None = None,
     channel_names: Sequence[str] | None = None,
+    channel_colors: Sequence[str] | None = None,
+    attributes: dict[str, Any] | None = None,
     tile: int | Sequence[int] = DEFAULT_TILE,
     compression: str = "zlib",
     overwrite: bool = False,
@@ -470,6 +476,13 @@ def write_ome_tiff(
         size). None: no positions are written.
     channel_names : sequence of str, optional
         One name per channel (the ``c`` axis; one name when there is none).
+    channel_colors : sequence of str, optional
+        One display colour ``RRGGBB`` per channel, written as ``Channel Color``; default
+        :func:`~gpufusion.writers.ome_zarr.default_channel_colors` (one channel white, two
+        green and magenta, three red, green, blue).
+    attributes : dict, optional
+        Free JSON metadata (e.g. provenance ``{"gpufusion": {...}}``), written as one OME
+        ``MapAnnotation`` per key (the key its ``Namespace``; nested values as JSON text).
     tile : int or (int, int)
         TIFF tile height and width, multiples of 16; default 512.
     compression : str
@@ -478,8 +491,9 @@ def write_ome_tiff(
     overwrite : bool
         Replace an existing ``out``; it is removed only after the new file is complete.
     progress : bool
-        Show a progress bar per staged level (dask, local schedulers only) and one over
-        the TIFF tiles.
+        Show one labelled progress line on stderr per stage (:mod:`gpufusion.progress`):
+        ``fusing, staging level 0`` and ``staging level k`` (dask tasks, local schedulers
+        only), then ``writing TIFF level k`` (tiles, on any scheduler).
     name : str
         OME ``Image`` name.
     scheduler : optional
@@ -517,7 +531,9 @@ def write_ome_tiff(
     _check_ome_image(image)
     geometry = _geometry(np.ndim(image), axes, pixel_size, origin, unit)
     settings = _tiff_settings(tile, compression, np.dtype(image.dtype))
-    names = _check_channel_names(channel_names, tuple(image.shape), geometry.axes)
+    names, colors = check_channels(channel_names, channel_colors, tuple(image.shape),
+                                   geometry.axes)
+    extra = _check_extra_attributes(attributes)
     _check_target(out, overwrite)
     if not isinstance(image, da.Array):
         default = tuple(DEFAULT_CHUNK if a in ("y", "x") else 1 for a in geometry.axes)
@@ -532,7 +548,8 @@ def write_ome_tiff(
     )
     plan = pyramid_factors(shape, tile_extent, geometry.axes, level_factors=_in_plane_factors)
     physical = pixel_size is not None
-    metadata = _ome_metadata(geometry, shape, physical, names, origin is not None, name)
+    metadata = _ome_metadata(geometry, shape, physical, names, origin is not None, name,
+                             colors, extra)
     with (
         _atomic_file(out, overwrite) as work,
         _scheduler_for(scheduler, image) as (sched, local),

@@ -35,10 +35,9 @@ import math
 import os
 import secrets
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,10 @@ import numpy as np
 import zarr
 import zarr.codecs
 from dask.base import get_scheduler
-from dask.diagnostics import ProgressBar
 from dask.system import CPU_COUNT
 
 from gpufusion.errors import InputError
+from gpufusion.progress import dask_progress
 from gpufusion.pyramid import (
     SPATIAL_AXES,
     blockwise_levels,
@@ -63,6 +62,8 @@ from gpufusion.pyramid import (
     pyramid_factors,
     pyramid_level,
 )
+from gpufusion.units import NGFF_SPACE_UNITS, ngff_unit
+from gpufusion.units import UNIT_ALIASES as _UNIT_ALIASES
 
 #: NGFF versions :func:`write_ome_zarr` can write, with the Zarr format each uses.
 NGFF_VERSIONS = {"0.4": 2, "0.5": 3}
@@ -79,44 +80,8 @@ COMPRESSORS = {
 AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 
 #: The NGFF space units (UDUNITS-2 lengths), plus a few common abbreviations.
-SPACE_UNITS = frozenset(
-    (
-        "angstrom",
-        "attometer",
-        "centimeter",
-        "decimeter",
-        "exameter",
-        "femtometer",
-        "foot",
-        "gigameter",
-        "hectometer",
-        "inch",
-        "kilometer",
-        "megameter",
-        "meter",
-        "micrometer",
-        "mile",
-        "millimeter",
-        "nanometer",
-        "parsec",
-        "petameter",
-        "picometer",
-        "terameter",
-        "yard",
-        "yoctometer",
-        "yottameter",
-        "zeptometer",
-        "zettameter",
-    )
-)
-UNIT_ALIASES = {
-    "um": "micrometer",
-    "µm": "micrometer",
-    "μm": "micrometer",
-    "nm": "nanometer",
-    "mm": "millimeter",
-    "m": "meter",
-}
+SPACE_UNITS = frozenset(NGFF_SPACE_UNITS)
+UNIT_ALIASES = dict(_UNIT_ALIASES)
 
 #: Default chunk size on spatial axes when the image is not a dask array.
 DEFAULT_CHUNK = 512
@@ -187,15 +152,7 @@ def _check_vector(
 
 
 def _check_unit(unit: str | None) -> str | None:
-    if unit is None:
-        return None
-    canonical = UNIT_ALIASES.get(unit, unit.lower())
-    if canonical not in SPACE_UNITS:
-        raise InputError(
-            f"unit {unit!r} is not an NGFF space unit; use e.g. 'micrometer', 'nanometer' "
-            f"or 'millimeter' (or one of {sorted(UNIT_ALIASES)})"
-        )
-    return canonical
+    return None if unit is None else ngff_unit(unit, "unit")
 
 
 def _geometry(
@@ -303,10 +260,151 @@ def _multiscale(
     return multiscale
 
 
-def _group_attributes(multiscale: dict[str, Any], version: str) -> dict[str, Any]:
-    if version == "0.4":
-        return {"multiscales": [multiscale]}
-    return {"ome": {"version": version, "multiscales": [multiscale]}}
+def _group_attributes(
+    multiscale: dict[str, Any],
+    version: str,
+    omero: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The group's attributes: NGFF metadata (``omero`` too, when given) and ``extra`` free
+    attributes at the top level (beside ``ome`` in NGFF 0.5), which NGFF allows."""
+    ome: dict[str, Any] = {"multiscales": [multiscale]}
+    if omero is not None:
+        ome["omero"] = ({"version": version} if version == "0.4" else {}) | omero
+    attributes = ome if version == "0.4" else {"ome": {"version": version, **ome}}
+    return {**(extra or {}), **attributes}
+
+
+# ---------------------------------------------------------------------------- channels
+
+#: Reserved top-level attribute names: free attributes may not replace NGFF metadata.
+_RESERVED_ATTRIBUTES = frozenset(("multiscales", "omero", "ome", "labels", "plate", "well"))
+
+
+def default_channel_colors(n: int) -> list[str]:
+    """Display colours (``RRGGBB``) for ``n`` channels: one white, two green and magenta,
+    three red, green and blue; more cycle through those, cyan and yellow.
+
+    Examples
+    --------
+    >>> default_channel_colors(1), default_channel_colors(2)
+    (['FFFFFF'], ['00FF00', 'FF00FF'])
+    >>> default_channel_colors(4)
+    ['FF0000', '00FF00', '0000FF', '00FFFF']
+    """
+    if n == 1:
+        return ["FFFFFF"]
+    if n == 2:
+        return ["00FF00", "FF00FF"]
+    cycle = ["FF0000", "00FF00", "0000FF", "00FFFF", "FF00FF", "FFFF00", "FFFFFF"]
+    return [cycle[k % len(cycle)] for k in range(n)]
+
+
+def check_channels(
+    names: Sequence[str] | None,
+    colors: Sequence[str] | None,
+    shape: Sequence[int],
+    axes: Sequence[str],
+) -> tuple[list[str] | None, list[str]]:
+    """Validated channel names (None when not given) and colours (``RRGGBB``, defaults by
+    :func:`default_channel_colors`): one per channel of the ``c`` axis (one without it).
+
+    Raises
+    ------
+    InputError
+        Naming ``channel_names`` or ``channel_colors`` when a count or value is wrong.
+    """
+    n = int(shape[list(axes).index("c")]) if "c" in axes else 1
+    if names is not None:
+        if isinstance(names, str) or len(names) != n:
+            raise InputError(f"channel_names {names!r}: need a list of {n} names, one per "
+                             "channel")
+        names = [str(name) for name in names]
+        if not all(name.strip() for name in names):
+            raise InputError(f"channel_names {names!r}: every name must be non-empty")
+    if colors is None:
+        return names, default_channel_colors(n)
+    if isinstance(colors, str) or len(colors) != n:
+        raise InputError(f"channel_colors {colors!r}: need a list of {n} colours, one per "
+                         "channel")
+    checked = []
+    for color in colors:
+        text = str(color).strip().removeprefix("#").upper()
+        if len(text) != 6 or any(ch not in "0123456789ABCDEF" for ch in text):
+            raise InputError(f"channel_colors: {color!r} is not a colour RRGGBB (hex)")
+        checked.append(text)
+    return names, checked
+
+
+def _check_extra_attributes(extra: Any) -> dict[str, Any]:
+    """Free attributes: a JSON-serialisable mapping that does not touch NGFF keys."""
+    import json
+
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise InputError("attributes: need a dict with string keys")
+    clash = sorted(_RESERVED_ATTRIBUTES & set(extra))
+    if clash:
+        raise InputError(f"attributes: {clash} are NGFF metadata and cannot be replaced")
+    try:
+        json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"attributes: not JSON-serialisable ({exc})") from None
+    return dict(extra)
+
+
+def channel_windows(level: Any, axes: Sequence[str]) -> list[dict[str, float]]:
+    """Display windows per channel from a (small) pyramid level.
+
+    ``min``/``max``: the dtype's range for integers, the finite data range for floats;
+    ``start``/``end``: the 0.1 and 99.9 percentiles of the channel's pixels (a cheap
+    estimate of the contrast, from the smallest level), ``end > start``.
+
+    Examples
+    --------
+    >>> channel_windows(np.array([[0, 10], [20, 30]], np.uint8), ["y", "x"])
+    [{'start': 0.03, 'end': 29.97, 'min': 0.0, 'max': 255.0}]
+    """
+    data = np.asarray(level[...])
+    dtype = data.dtype
+    c = list(axes).index("c") if "c" in axes else None
+    channels = [data] if c is None else [np.take(data, k, axis=c) for k in range(data.shape[c])]
+    finite = data[np.isfinite(data)] if dtype.kind == "f" else data
+    if dtype.kind in "ui":
+        lo, hi = float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)
+    else:
+        lo = float(finite.min()) if finite.size else 0.0
+        hi = float(finite.max()) if finite.size else 1.0
+    windows = []
+    for values in channels:
+        values = values[np.isfinite(values)] if dtype.kind == "f" else values.ravel()
+        if values.size:
+            start, end = (float(v) for v in np.percentile(values, (0.1, 99.9)))
+        else:
+            start, end = lo, hi
+        if not end > start:  # a flat channel: keep a window of one unit above it
+            end = start + 1.0
+            if end > hi:
+                start, end = hi - 1.0, hi
+        windows.append({"start": round(start, 6), "end": round(end, 6),
+                        "min": min(lo, start), "max": max(hi, end)})
+    return windows
+
+
+def _omero(names: list[str] | None, colors: list[str], windows: list[dict[str, float]],
+           name: str) -> dict[str, Any]:
+    """The NGFF ``omero`` block (rendering hints napari, OMERO and others read)."""
+    labels = names if names is not None else [f"C{k}" for k in range(len(colors))]
+    return {
+        "name": name,
+        "channels": [
+            {"label": label, "color": color, "window": window, "active": True,
+             "coefficient": 1.0, "family": "linear", "inverted": False}
+            for label, color, window in zip(labels, colors, windows, strict=True)
+        ],
+        "rdefs": {"model": "greyscale" if len(colors) == 1 else "color"},
+    }
 
 
 def _total_factors(plan: Sequence[Sequence[int]], ndim: int) -> list[tuple[int, ...]]:
@@ -422,8 +520,13 @@ def _store_levels(
     codec: dict[str, Any],
     scheduler: Any,
     progress: bool,
+    label: str | None = None,
 ) -> list[zarr.Array]:
-    """Store ``sources`` as arrays ``first``, ``first + 1``, ... of ``group`` in one pass."""
+    """Store ``sources`` as arrays ``first``, ``first + 1``, ... of ``group`` in one pass.
+
+    With ``progress``, one line counts the tasks of the pass, labelled ``label`` (default:
+    ``fusing, writing levels 0-2`` for a pass from level 0, else ``writing level 3``).
+    """
     targets, regrouped = [], []
     for level, source in enumerate(sources, start=first):
         level_chunks = _level_chunks(chunks, source.shape)
@@ -435,7 +538,11 @@ def _store_levels(
         shape, dtype = source.shape, source.dtype
         targets.append(group.create_array(str(level), shape=shape, chunks=level_chunks,
                                           dtype=dtype, **settings))
-    with ProgressBar(out=sys.stderr) if progress else nullcontext():  # stdout stays for results
+    if label is None:
+        last = first + len(sources) - 1
+        levels = f"level {first}" if last == first else f"levels {first}-{last}"
+        label = f"fusing, writing {levels}" if first == 0 else f"writing {levels}"
+    with dask_progress(label, progress):  # on stderr: stdout stays for results
         da.store(regrouped, targets, lock=False, scheduler=scheduler)
     return targets
 
@@ -448,9 +555,11 @@ def _store_level(
     codec: dict[str, Any],
     scheduler: Any,
     progress: bool,
+    label: str | None = None,
 ) -> zarr.Array:
     """Store ``source`` as array ``path`` (a level number) of ``group``, one task per chunk."""
-    return _store_levels([source], group, int(path), chunks, codec, scheduler, progress)[0]
+    return _store_levels([source], group, int(path), chunks, codec, scheduler, progress,
+                         label)[0]
 
 
 # ---------------------------------------------------------------------------- public API
@@ -475,6 +584,9 @@ def write_ome_zarr(
     pyramid: str = "readback",
     downsample: Callable[..., Any] | None = None,
     to_host: Callable[[Any], np.ndarray] | None = None,
+    channel_names: Sequence[str] | None = None,
+    channel_colors: Sequence[str] | None = None,
+    attributes: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``image`` and its 2x mean pyramid as an OME-Zarr image, atomically.
 
@@ -489,7 +601,8 @@ def write_ome_zarr(
         One name per axis, in the order ``t``, ``c``, ``z``, ``y``, ``x`` (``y`` and ``x``
         required), e.g. ``["y", "x"]`` or ``["c", "z", "y", "x"]``.
     pixel_size : sequence of float, optional
-        Level-0 physical pixel size per spatial axis (one value is repeated); default 1.
+        Level-0 physical pixel size per spatial axis (one value is repeated); default 1 (NGFF
+        needs a scale: for an unknown pixel size, give no ``unit`` either).
     unit : str, optional
         NGFF space unit such as ``"micrometer"`` (``"um"``, ``"nm"``, ``"mm"`` accepted);
         when None, no unit is written.
@@ -508,7 +621,9 @@ def write_ome_zarr(
     overwrite : bool
         Replace an existing ``out``; it is removed only after the new image is complete.
     progress : bool
-        Show a dask progress bar per level (local schedulers only).
+        Show one labelled progress line on stderr per pass over the levels (``fusing,
+        writing levels 0-2``, then ``writing level 3``, ...: tasks done/total, rate, ETA;
+        local schedulers only, :mod:`gpufusion.progress`).
     name : str
         Name stored in the multiscales metadata.
     scheduler : optional
@@ -532,6 +647,14 @@ def write_ome_zarr(
     to_host : callable, optional
         Turns a block into a NumPy array right before it is stored, e.g. ``cupy.asnumpy``;
         default: blocks are stored as they are (identity).
+    channel_names, channel_colors : sequence of str, optional
+        One label and one colour (``RRGGBB``) per channel (``c`` axis; one without it),
+        written to the ``omero`` block with a display window per channel estimated from the
+        smallest level (:func:`channel_windows`). Default labels ``C0``, ``C1``, ...;
+        default colours :func:`default_channel_colors`.
+    attributes : dict, optional
+        Free JSON attributes stored at the top level of the group's attributes, beside the
+        NGFF metadata (beside ``ome`` in NGFF 0.5), e.g. provenance under ``"gpufusion"``.
 
     Returns
     -------
@@ -558,6 +681,8 @@ def write_ome_zarr(
         raise InputError(f"ngff_version {ngff_version!r} is not one of {list(NGFF_VERSIONS)}")
     _check_image(image)
     geometry = _geometry(image.ndim, axes, pixel_size, origin, unit)
+    names, colors = check_channels(channel_names, channel_colors, image.shape, geometry.axes)
+    extra = _check_extra_attributes(attributes)
     chunk_shape = _chunk_shape(chunks, image, geometry.axes)
     codec = _codec_settings(compressor, NGFF_VERSIONS[ngff_version], geometry.axes)
     if pyramid not in PYRAMID_MODES:
@@ -582,7 +707,7 @@ def write_ome_zarr(
         group = zarr.create_group(
             store=str(tmp),
             zarr_format=NGFF_VERSIONS[ngff_version],
-            attributes=_group_attributes(multiscale, ngff_version),
+            attributes=_group_attributes(multiscale, ngff_version, extra=extra),
             overwrite=True,
         )
         run = {"scheduler": sched, "progress": progress and local}
@@ -600,6 +725,9 @@ def write_ome_zarr(
             read_chunks = tuple(c * f for c, f in zip(out_chunks, factors, strict=True))
             lower = pyramid_level(da.from_zarr(stored, chunks=read_chunks), factors, out_chunks)
             stored = _store_levels([lower], group, level, chunk_shape, codec, **run)[0]
+        # rendering hints last: the display windows come from the smallest level
+        omero = _omero(names, colors, channel_windows(stored, geometry.axes), name)
+        group.attrs.put(_group_attributes(multiscale, ngff_version, omero, extra))
     return out
 
 
@@ -848,8 +976,19 @@ def read_ome_zarr_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "downsampling": texts["type"],
         "axes": axes,
         "compressor": levels[0]["compressor"],
+        "channels": _info_channels(ome.get("omero")),
         "levels": levels,
     }
+
+
+def _info_channels(omero: Any) -> list[dict[str, str | None]]:
+    """Label and colour of each channel of an ``omero`` block (transitional NGFF metadata,
+    so read leniently: what is not a string is left out)."""
+    channels = omero.get("channels") if isinstance(omero, dict) else None
+    if not isinstance(channels, list):
+        return []
+    return [{key: value if isinstance(value := c.get(key), str) else None
+             for key in ("label", "color")} for c in channels if isinstance(c, dict)]
 
 
 def _numbers(values: Sequence[float], sep: str = ", ") -> str:
@@ -869,6 +1008,7 @@ def format_info(info: dict[str, Any]) -> str:
       OME-Zarr NGFF 0.4 (Zarr v2), name 'gpufusion', downsampling 'mean'
       axes: y (space, micrometer), x (space, micrometer)
       compressor: blosc(cname=zstd, clevel=1, shuffle=bitshuffle)
+      channels: C0 (#FFFFFF)
       level  shape      chunks     dtype   scale     translation
       0      300 x 200  128 x 128  uint16  0.5, 0.5  0, 0
       1      150 x 100  128 x 100  uint16  1, 1      0.25, 0.25
@@ -904,6 +1044,9 @@ def format_info(info: dict[str, Any]) -> str:
             f"name {info['name']!r}, downsampling {info['downsampling']!r}",
             f"  axes: {axes}",
             f"  compressor: {info['compressor']}",
+            *([f"  channels: {channels}"] if (channels := ", ".join(
+                f"{c['label'] or '?'}" + (f" (#{c['color']})" if c["color"] else "")
+                for c in info.get("channels", []))) else []),
             *table,
         ]
     )

@@ -49,6 +49,115 @@ def is_tiff_path(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith((".tif", ".tiff"))
 
 
+# --------------------------------------------------------------------------- output kind
+
+#: Output name endings (case-insensitive) -> what is written there.
+OUTPUT_SUFFIXES = {
+    ".ome.zarr": "OME-Zarr",
+    ".zarr": "OME-Zarr",
+    ".ome.tif": "OME-TIFF",
+    ".ome.tiff": "OME-TIFF",
+    ".tif": "OME-TIFF",
+    ".tiff": "OME-TIFF",
+}
+
+#: Compression presets per output kind, the default first (the writers' ``COMPRESSORS``
+#: and ``COMPRESSIONS``); TIFF ``lzw`` and ``zstd`` need imagecodecs to write.
+OUTPUT_COMPRESSIONS = {
+    "OME-Zarr": ("blosc-zstd", "blosc-lz4", "zstd", "none"),
+    "OME-TIFF": ("zlib", "lzw", "zstd", "none"),
+}
+
+#: Where the TIFF codecs that need imagecodecs come from.
+TIFF_EXTRA = "pip install 'gpufusion[tiff]'"
+
+
+def output_kind(path: str | os.PathLike[str]) -> str:
+    """``"OME-Zarr"`` or ``"OME-TIFF"``, from how the output's name ends.
+
+    Only :data:`OUTPUT_SUFFIXES` are outputs; any other name (``slide.png``, ``x.h5``, a
+    name without suffix) is refused rather than silently written as an OME-Zarr folder.
+
+    Raises
+    ------
+    InputError
+        One line naming ``path`` and the accepted endings.
+
+    Examples
+    --------
+    >>> output_kind("slide.ome.zarr"), output_kind("SLIDE.OME.TIF"), output_kind("a.tiff")
+    ('OME-Zarr', 'OME-TIFF', 'OME-TIFF')
+    >>> output_kind("slide.png")
+    Traceback (most recent call last):
+    ...
+    gpufusion.errors.InputError: slide.png: not an output name gpufusion writes; ...
+    """
+    name = Path(path).name.lower()
+    for suffix, kind in OUTPUT_SUFFIXES.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return kind
+    raise InputError(
+        f"{path}: not an output name gpufusion writes; end it in .ome.zarr or .zarr "
+        "(OME-Zarr folder), or .ome.tif, .ome.tiff, .tif or .tiff (pyramidal OME-TIFF)")
+
+
+def check_compression(out: str | os.PathLike[str], compression: str | None,
+                      option: str = "--compression") -> str:
+    """The compression preset for ``out``: its kind's default for None, else ``compression``
+    when it applies to that kind (and, for TIFF ``lzw``/``zstd``, imagecodecs is there).
+
+    Checked before any work, so a TIFF-only codec for an OME-Zarr output (or the reverse)
+    or a missing imagecodecs fails at once.
+
+    Raises
+    ------
+    InputError
+        One line naming ``option``, the output kind and the presets that apply, or how to
+        install imagecodecs.
+
+    Examples
+    --------
+    >>> check_compression("a.ome.zarr", None), check_compression("a.ome.tif", None)
+    ('blosc-zstd', 'zlib')
+    >>> check_compression("a.ome.zarr", "lzw")
+    Traceback (most recent call last):
+    ...
+    gpufusion.errors.InputError: --compression lzw: does not apply to OME-Zarr output ...
+    """
+    kind = output_kind(out)
+    presets = OUTPUT_COMPRESSIONS[kind]
+    if compression is None:
+        return presets[0]
+    if compression not in presets:
+        other = [k for k, v in OUTPUT_COMPRESSIONS.items() if compression in v]
+        only = f" (it is for {other[0]} output)" if other else ""
+        raise InputError(
+            f"{option} {compression}: does not apply to {kind} output {out}{only}; "
+            f"{kind} takes {', '.join(presets)} (default {presets[0]})")
+    if kind == "OME-TIFF" and not _tiff_codec_available(compression):
+        raise InputError(
+            f"{option} {compression}: writing {compression.upper()}-compressed TIFF needs the "
+            f"imagecodecs package: {TIFF_EXTRA} (or use {option} zlib, which needs nothing "
+            "extra)")
+    return compression
+
+
+def _tiff_codec_available(compression: str) -> bool:
+    """Whether tifffile can write the TIFF preset ``compression`` here (as the writer
+    checks: codecs it lacks are missing or stubs raising ImportError)."""
+    if compression in ("zlib", "none"):
+        return True
+    import numpy as np
+    import tifffile
+
+    codec = {"lzw": tifffile.COMPRESSION.LZW, "zstd": tifffile.COMPRESSION.ZSTD}[compression]
+    try:
+        tifffile.TIFF.COMPRESSORS[codec](np.zeros(16, np.uint8))
+    except (KeyError, ImportError):
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- inputs
 
 
