@@ -12,6 +12,9 @@
 //       MODE   blend mode code (gpufusion.blend.MODE_CODES): 0 linear, 1 cosine, 2 average,
 //              3 max, 4 overlay
 //       INTERP interpolation code (gpufusion.blend.INTERP_CODES): 0 linear, 1 nearest
+//   fuse_chunk_separable<T, U, A, NDIM, MODE, INTERP, PX>
+//       the same result for chunks of pure translations, from per-axis tables (see below;
+//       also mirrors gpufusion.backends.numpy_ref.fuse_chunk); PX output pixels per thread
 //
 // Each thread computes whole output pixels (grid-stride loop over the chunk in C order): it
 // loops over the chunk's entries (tiles, in plan order), maps the pixel into the entry's
@@ -270,5 +273,171 @@ __global__ void fuse_chunk(const T* __restrict__ windows, const long long* __res
             result = hit ? val : (A)0;
         }
         out[p] = gf_cast_output<U, A>(result);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// fuse_chunk_separable<T, U, A, NDIM, MODE, INTERP, PX>: the same result as fuse_chunk, bit
+// for bit, for chunks whose entries are all pure translations (the general kernel stays the
+// reference twin; gpufusion.backends.cupy_backend picks with `algorithm=`).
+//
+// For a translation, q_d = offset_d + l_d: each axis's coordinate, coverage, clamped
+// indices, interpolation fraction and ramp weight depend on l_d alone. The host computes
+// them per axis in float64 with exactly the general kernel's operations
+// (gpufusion.backends.cuda_kernels.separable_tables) and packs them per entry:
+//   woff   k long long: element offset of each window in `windows`
+//   cover  k x NDIM x 2 int: the covered range [lo, hi) of chunk coordinates along each axis
+//   atab   k x (s0 + .. + s_{NDIM-1}) x 2 A: (fraction f, ramp weight r) at each coordinate
+//   itab   k x (s0 + .. + s_{NDIM-1}) x 2 int: window element offsets of the lower and upper
+//          neighbour along the axis (index times the window's stride; nearest: the nearest
+//          pixel, twice)
+// Each thread computes PX consecutive pixels of one row (along the last axis): the row's
+// coverage, weight product and offsets are read once per entry for all PX pixels. Index
+// arithmetic is 32-bit (the host selects this kernel only when the chunk and every window
+// have fewer than 2**31 elements). Samples, weights and sums are formed as in fuse_chunk:
+// corners summed as offsets, combined last axis first, w = ((r_0 * r_1) * r_2).
+
+template <typename T, typename A, int NDIM>
+__device__ __forceinline__ A gf_lerp_offsets(const T* __restrict__ win, const int* o0,
+                                             const int* o1, const A* f) {
+    A v[1 << NDIM];
+    for (int c = 0; c < (1 << NDIM); ++c) {
+        int lin = 0;
+        for (int d = 0; d < NDIM; ++d) {
+            const bool up = (c >> (NDIM - 1 - d)) & 1;
+            lin += up ? o1[d] : o0[d];
+        }
+        v[c] = (A)win[lin];
+    }
+    int n = 1 << NDIM;
+    for (int d = NDIM - 1; d >= 0; --d) {
+        n >>= 1;
+        const A g = (A)1 - f[d];
+        for (int i = 0; i < n; ++i) {
+            v[i] = g * v[2 * i] + f[d] * v[2 * i + 1];
+        }
+    }
+    return v[0];
+}
+
+template <typename T, typename U, typename A, int NDIM, int MODE, int INTERP, int PX>
+__global__ void fuse_chunk_separable(const T* __restrict__ windows,
+                                     const long long* __restrict__ woff,
+                                     const int* __restrict__ cover,
+                                     const A* __restrict__ atab, const int* __restrict__ itab,
+                                     long long n_entries, U* __restrict__ out, long long s0,
+                                     long long s1, long long s2, long long keep_single) {
+    static_assert(NDIM == 2 || NDIM == 3, "fuse_chunk_separable: NDIM must be 2 or 3");
+    constexpr bool RAMP = MODE == GF_MODE_LINEAR || MODE == GF_MODE_COSINE;
+    constexpr bool WEIGHTED = RAMP || MODE == GF_MODE_AVERAGE;
+    const int shape[3] = {(int)s0, (int)s1, (int)s2};
+    const int sx = shape[NDIM - 1];
+    int axis0[3] = {0, shape[0], shape[0] + shape[1]};  // start of each axis in a table row
+    const int tlen = axis0[NDIM - 1] + sx;               // table entries per chunk entry
+    const int groups = (sx + PX - 1) / PX;
+    const int rows = NDIM == 2 ? shape[0] : shape[0] * shape[1];
+    const unsigned int total = (unsigned int)rows * (unsigned int)groups;
+    const int n = (int)n_entries;
+    const unsigned int step = blockDim.x * gridDim.x;
+    for (unsigned int t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
+        const int row = (int)(t / (unsigned int)groups);
+        const int x0 = (int)(t - (unsigned int)row * (unsigned int)groups) * PX;
+        int l[NDIM];  // the row's coordinates along the leading axes
+        if (NDIM == 2) {
+            l[0] = row;
+        } else {
+            l[0] = row / shape[1];
+            l[1] = row - l[0] * shape[1];
+        }
+        A num[PX], den[PX], val[PX];
+        bool hit[PX];
+        [[maybe_unused]] bool multi[PX];
+        for (int j = 0; j < PX; ++j) {
+            num[j] = 0;
+            den[j] = 0;
+            val[j] = 0;
+            hit[j] = false;
+            multi[j] = false;
+        }
+        for (int k = 0; k < n; ++k) {
+            const int* cv = cover + k * 2 * NDIM;
+            bool covered = true;
+            for (int d = 0; d < NDIM - 1; ++d) {
+                covered = covered && l[d] >= cv[2 * d] && l[d] < cv[2 * d + 1];
+            }
+            const int xlo = cv[2 * (NDIM - 1)], xhi = cv[2 * (NDIM - 1) + 1];
+            if (!covered || xhi <= x0 || xlo >= x0 + PX) {
+                continue;
+            }
+            const A* at = atab + 2 * (long long)k * tlen;
+            const int* it = itab + 2 * (long long)k * tlen;
+            const T* win = windows + woff[k];
+            int o0[NDIM], o1[NDIM];
+            A f[NDIM];
+            [[maybe_unused]] A wrow = (A)1;
+            for (int d = 0; d < NDIM - 1; ++d) {
+                const int e = 2 * (axis0[d] + l[d]);
+                o0[d] = it[e];
+                o1[d] = it[e + 1];
+                f[d] = at[e];
+                if constexpr (RAMP) {
+                    wrow = d == 0 ? at[e + 1] : wrow * at[e + 1];
+                }
+            }
+            for (int j = 0; j < PX; ++j) {
+                const int x = x0 + j;
+                if (x < xlo || x >= xhi) {
+                    continue;
+                }
+                const int e = 2 * (axis0[NDIM - 1] + x);
+                o0[NDIM - 1] = it[e];
+                o1[NDIM - 1] = it[e + 1];
+                f[NDIM - 1] = at[e];
+                A v;
+                if constexpr (INTERP == GF_INTERP_NEAREST) {
+                    int lin = 0;
+                    for (int d = 0; d < NDIM; ++d) {
+                        lin += o0[d];
+                    }
+                    v = (A)win[lin];
+                } else {
+                    v = gf_lerp_offsets<T, A, NDIM>(win, o0, o1, f);
+                }
+                if constexpr (RAMP) {
+                    const A w = wrow * at[e + 1];
+                    num[j] = num[j] + w * v;
+                    den[j] = den[j] + w;
+                    multi[j] = multi[j] || hit[j];
+                    hit[j] = true;
+                    val[j] = v;
+                } else if constexpr (WEIGHTED) {
+                    num[j] = num[j] + v;
+                    den[j] = den[j] + (A)1;
+                } else if constexpr (MODE == GF_MODE_MAX) {
+                    val[j] = hit[j] ? gf_max(val[j], v) : v;
+                    hit[j] = true;
+                } else {
+                    val[j] = v;
+                    hit[j] = true;
+                }
+            }
+        }
+        U* dst = out + row * sx;
+        for (int j = 0; j < PX; ++j) {
+            const int x = x0 + j;
+            if (x >= sx) {
+                break;
+            }
+            A result;
+            if constexpr (RAMP) {
+                result = keep_single && hit[j] && !multi[j]
+                             ? val[j] : (den[j] > (A)0 ? num[j] / den[j] : (A)0);
+            } else if constexpr (WEIGHTED) {
+                result = den[j] > (A)0 ? num[j] / den[j] : (A)0;
+            } else {
+                result = hit[j] ? val[j] : (A)0;
+            }
+            dst[x] = gf_cast_output<U, A>(result);
+        }
     }
 }

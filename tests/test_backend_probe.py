@@ -281,7 +281,7 @@ def test_auto_with_a_usable_gpu_says_so(fake_gpu, tile_csv: Path, capsys) -> Non
                         capsys)
     assert code == 0, err
     assert err == "gpufusion: using the GPU backend (1 CUDA device(s))\n"
-    assert any(b.startswith("fuse_chunk<") for b in fake_gpu.builds)  # it did
+    assert any(b.startswith("fuse_chunk") for b in fake_gpu.builds)  # it did
     reference = tile_csv.parent / "ref.ome.zarr"
     assert run_cli(["fuse", tile_csv, "-o", reference, "--backend", "numpy", "--chunk", "32"],
                    capsys)[0] == 0

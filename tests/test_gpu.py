@@ -34,6 +34,7 @@ from gpufusion.pyramid import downsample_mean2
 from .cluster_helpers import (
     compute_counting_fusion_tasks,
     dask_cuda_or_stand_in,
+    emulated_device,
     install_fake_dask_cuda,
 )
 from .conftest import assert_close
@@ -88,6 +89,35 @@ def test_cupy_backend_matches_reference(backend, layout: str, ndim: int, mode: s
         differ += cases.check_case(case, gpu_fuse(backend))["differ"]
     if mode != "cosine":  # no transcendental: the kernel mirrors the reference exactly
         assert differ == 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("mode", BLEND_MODES)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_separable_kernel_equals_general_kernel_on_device(backend, cp, ndim: int, mode: str,
+                                                          interpolation: str) -> None:
+    """On the device, fuse_chunk_separable (per-axis tables) and fuse_chunk give the same
+    blocks bit for bit, for every dtype pair and integer or sub-pixel translations. Cosine
+    ramps come from NumPy's cos (the tables) and the device's (the general kernel): compared
+    within the suite's tolerance."""
+    taken = 0
+    for k, pair in enumerate(cases.DTYPE_PAIRS):
+        for layout in ("translation", "subpixel"):
+            case = cases.make_case(layout, ndim, mode, interpolation, pair, 17 * k + ndim)
+            for windows, table in cases.chunk_inputs(case):
+                if not ck.separable_applies(table):
+                    continue
+                taken += 1
+                sep = cp.asnumpy(backend.fuse_windows(windows, table, case.params,
+                                                      "separable"))
+                gen = cp.asnumpy(backend.fuse_windows(windows, table, case.params, "general"))
+                if mode == "cosine":
+                    assert_close(sep, gen)
+                else:
+                    np.testing.assert_array_equal(sep, gen, err_msg=case.name)
+    assert taken > 0
 
 
 @pytest.mark.gpu
@@ -283,7 +313,7 @@ def test_fusion_task_counting_on_two_cpu_workers(tmp_path: Path) -> None:
     expected = image.compute(scheduler="threads")
     host = image.map_blocks(np.asarray, dtype=image.dtype, meta=np.empty((0, 0), image.dtype))
     with distributed.LocalCluster(n_workers=2, processes=False, threads_per_worker=1,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as client:
         result, per_worker = compute_counting_fusion_tasks(client, host)
         workers = set(client.scheduler_info()["workers"])
@@ -333,7 +363,7 @@ def test_running_scheduler_fuses_like_local_threads() -> None:
     case = cases.make_case("affine", 2, "linear", "linear", ("uint16", "uint16"), 6)
     expected = fuse(case.mosaic, chunks=case.chunks).compute(scheduler="threads")
     with distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=2,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             connect(scheduler=cluster.scheduler_address) as client:
         assert client is not None
         result = fuse(case.mosaic, chunks=case.chunks).compute()
@@ -419,3 +449,99 @@ def test_kernel_modules_import_without_cupy() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONWARNINGS": "error"})
     assert out.stdout.split() == ["False", "0"]
+
+
+# --------------------------------------------------- whole pyramid through the task streams
+
+
+def zarr_levels(path: Path) -> list[np.ndarray]:
+    """Every level of an OME-Zarr image, read with zarr-python from the multiscales list."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    multiscales = attrs["ome"]["multiscales"] if "ome" in attrs else attrs["multiscales"]
+    return [np.asarray(group[d["path"]][...]) for d in multiscales[0]["datasets"]]
+
+
+def assert_numpy_pyramid(levels: list[np.ndarray], fused: np.ndarray) -> None:
+    """Level 0 equals ``fused`` (the NumPy fusion) and each level equals NumPy's 2x mean of
+    the reference level above, exactly (factors from the shapes: 2 where an axis halved)."""
+    assert len(levels) >= 3, [lvl.shape for lvl in levels]
+    ref = fused
+    for k, level in enumerate(levels):
+        if k:
+            factors = tuple(1 if m == n else 2 for n, m in zip(ref.shape, level.shape,
+                                                               strict=True))
+            ref = downsample_mean2(ref, factors)
+        assert level.dtype == ref.dtype and level.shape == ref.shape, k
+        np.testing.assert_array_equal(level, ref, err_msg=f"pyramid level {k}")
+
+
+def assert_stream_rules_kept() -> None:
+    """On the emulated device: no device array was used on, or freed from under, another
+    stream in a way that races on a GPU (tests/host_emulation/strict_cupy.py)."""
+    if not emulated_device():
+        return
+    import gc
+
+    from .host_emulation.strict_cupy import STREAMS
+
+    gc.collect()
+    assert STREAMS.violations == [], STREAMS.violations[:3]
+
+
+def reset_stream_rules() -> None:
+    if emulated_device():
+        from .host_emulation.strict_cupy import STREAMS
+
+        STREAMS.reset()
+
+
+def pyramid_mosaic(grid: tuple[int, int], tile: int, seed: int):
+    from gpufusion.synthetic import make_mosaic
+
+    return make_mosaic(grid, (tile, tile), dtype="uint16", seed=seed).mosaic()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cupy_ome_zarr_every_level_equals_numpy_pyramid(tmp_path: Path) -> None:
+    """A CuPy fusion to OME-Zarr: every pyramid level (not only level 0's corner) equals the
+    NumPy pyramid of the NumPy fusion, bit for bit."""
+    from gpufusion import fuse_to_file
+
+    mosaic = pyramid_mosaic((3, 3), 96, seed=5)
+    reset_stream_rules()
+    fuse_to_file(mosaic, tmp_path / "gpu.ome.zarr", chunks=64, backend="cupy")
+    assert_stream_rules_kept()
+    expected = fuse(mosaic, chunks=64, backend="numpy").compute()
+    assert_numpy_pyramid(zarr_levels(tmp_path / "gpu.ome.zarr"), expected)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cupy_pyramid_under_stress_many_threads_small_pool(tmp_path: Path, cp) -> None:
+    """A deliberate stress for the stream race of issue #12: 16 threads, many small blocks
+    and a small memory pool, so freed device blocks are reused at once; every level of the
+    output must still equal the NumPy pyramid of the NumPy fusion."""
+    import dask
+
+    from gpufusion import fuse_to_file
+
+    mosaic = pyramid_mosaic((4, 4), 80, seed=17)
+    expected = fuse(mosaic, chunks=32, backend="numpy").compute()
+    pool = cp.get_default_memory_pool()
+    limit = pool.get_limit()
+    pool.free_all_blocks()
+    pool.set_limit(size=16 << 20)
+    reset_stream_rules()
+    try:
+        for run in range(3):
+            path = tmp_path / f"stress{run}.ome.zarr"
+            with dask.config.set(scheduler="threads", num_workers=16):
+                fuse_to_file(mosaic, path, chunks=32, backend="cupy")
+            assert_numpy_pyramid(zarr_levels(path), expected)
+        assert_stream_rules_kept()
+    finally:
+        pool.set_limit(size=limit)

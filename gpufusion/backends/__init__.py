@@ -5,15 +5,21 @@ asked for, so ``import gpufusion`` works on machines without CuPy or without a G
 
 "A GPU is usable" (:func:`gpu_status`) means more than a device being present: CuPy imports,
 the CUDA runtime reports a device, and one of gpufusion's own kernels compiles (NVRTC) and
-runs on it with the right result. That trial is made once per process (per ``cupy``
-module; a failed one is tried again at the next probe), so a machine with a driver but no
-NVRTC falls back to NumPy under ``auto`` (and ``--backend cupy`` is refused up front)
-instead of failing at the first chunk.
+runs on it with the right result. That trial is made once per device (per ``cupy`` module
+and current device; a failed one is tried again at the next probe), so a machine with a
+driver but no NVRTC falls back to NumPy under ``auto`` (and ``--backend cupy`` is refused
+up front) instead of failing at the first chunk.
+
+:func:`task_scope` wraps one whole dask task on a backend (fuse a block, downsample its
+pyramid levels, copy each to the host): nothing for NumPy; for CuPy, the task's one CUDA
+stream (see :mod:`gpufusion.backends.cupy_backend` for why that is race-free).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,6 +60,37 @@ class NumpyBackend:
         return fuse_chunk(task.read_windows(), task.table, params, algorithm=algorithm)
 
 
+@contextlib.contextmanager
+def task_scope(name: str) -> Iterator[Any]:
+    """Run one whole task (fuse a block, downsample it, copy the levels to the host) in it.
+
+    ``numpy``: does nothing (yields ``None``). ``cupy``: the task's work is ordered on the
+    calling thread's one non-blocking CUDA stream (made current; yielded), which is
+    synchronised when the block exits, also on an exception; see
+    :func:`gpufusion.backends.cupy_backend.task_scope`. Nested scopes share the outer one.
+
+    Parameters
+    ----------
+    name : {"numpy", "cupy"}
+        The backend the task runs on (resolved, not ``auto``).
+
+    Examples
+    --------
+    >>> with task_scope("numpy") as stream:
+    ...     print(stream)
+    None
+    """
+    if name == "numpy":
+        yield None
+    elif name == "cupy":
+        from .cupy_backend import task_scope as cupy_task_scope
+
+        with cupy_task_scope() as stream:
+            yield stream
+    else:
+        raise InputError(f"backend: unknown {name!r} for a task; choose numpy or cupy")
+
+
 def one_line(exc: BaseException) -> str:
     """``"Type: message"`` cut to its first line (CUDA and NVRTC messages run over several).
 
@@ -71,7 +108,7 @@ def gpu_status() -> tuple[bool, str]:
 
     Checks, in order: CuPy imports (not installed, or installed but failing to import, are
     told apart), the CUDA runtime reports a device, and a trial kernel compiles and runs
-    (:func:`kernel_trial`, once per process).
+    on the current device (:func:`kernel_trial`, once per device).
 
     Returns
     -------
@@ -98,8 +135,9 @@ def gpu_status() -> tuple[bool, str]:
     return True, f"{n} CUDA device(s)"
 
 
-#: ``id(cupy module) -> module`` of the CuPy modules whose trial kernel ran correctly.
-_TRIAL_PASSED: dict[int, Any] = {}
+#: ``(id(cupy module), device id) -> module`` of the devices whose trial kernel ran
+#: correctly (the module kept, so that a reused ``id`` of another module cannot match).
+_TRIAL_PASSED: dict[tuple[int, int], Any] = {}
 
 
 def kernel_trial(cupy: Any) -> tuple[bool, str]:
@@ -108,13 +146,20 @@ def kernel_trial(cupy: Any) -> tuple[bool, str]:
     Uses ``kernels/downsample.cu`` through the same cached getter and NVRTC options as the
     real work (so the compiled kernel is reused). Any failure (``CompileException`` without
     NVRTC, ``CUDADriverError`` or ``CUDARuntimeError`` at launch, a wrong result) gives
-    ``(False, reason)``. A success is remembered per ``cupy`` module (once per process); a
-    failure is not, so a transient one (out of memory, a busy device) in a long-lived
-    process, such as a Dask worker, is tried again at the next probe.
+    ``(False, reason)``. The trial runs on the current device; a success is remembered per
+    ``cupy`` module and device (a process that switches devices, ``with
+    cupy.cuda.Device(1):``, tries each one once: a kernel image that loads on one device
+    need not load on another of a different architecture); a failure is not remembered,
+    so a transient one (out of memory, a busy device) in a long-lived process, such as a
+    Dask worker, is tried again at the next probe.
     """
     from .cupy_backend import downsample_mean2_gpu
 
-    if _TRIAL_PASSED.get(id(cupy)) is cupy:
+    try:
+        key = (id(cupy), int(cupy.cuda.runtime.getDevice()))
+    except Exception as exc:  # CUDARuntimeError: no current device
+        return False, f"no usable CUDA device ({one_line(exc)})"
+    if _TRIAL_PASSED.get(key) is cupy:
         return True, "trial kernel ran"
     try:
         block = cupy.asarray(np.array(_TRIAL_BLOCK, dtype=np.uint8))
@@ -124,7 +169,7 @@ def kernel_trial(cupy: Any) -> tuple[bool, str]:
                        f"or run ({one_line(exc)})")
     if result != [[4]]:
         return False, f"a CUDA device is present but a trial kernel returned {result}, not [[4]]"
-    _TRIAL_PASSED[id(cupy)] = cupy
+    _TRIAL_PASSED[key] = cupy
     return True, "trial kernel ran"
 
 

@@ -196,7 +196,8 @@ def pack_descriptors(table: ChunkTable, packing: FusionPacking, buffer: np.ndarr
     buffer[fend:packing.windows_offset] = 0
 
 
-def window_views(pixels: Any, table: ChunkTable, packing: FusionPacking) -> list[Any]:
+def window_views(pixels: Any, table: ChunkTable,
+                 packing: FusionPacking | SeparablePacking) -> list[Any]:
     """Views of each window's place in the windows section ``pixels`` (NumPy or CuPy)."""
     out = []
     for start, shape in zip(packing.window_starts, table.win_shape, strict=True):
@@ -245,6 +246,199 @@ def fusion_kernel_args(base: int, out: Any, packing: FusionPacking,
             np.int64(s[0]), np.int64(s[1]), np.int64(s[2]),
             np.float64(w[0]), np.float64(w[1]), np.float64(w[2]), np.float64(COVER_EPS),
             np.int64(keep))
+
+
+# ------------------------------------------------------------- separable (translation) twin
+
+#: Output pixels per thread of ``fuse_chunk_separable`` (consecutive along the last axis).
+SEPARABLE_PX = 4
+#: Index arithmetic of the separable kernel is 32-bit: chunks and windows stay below this.
+_INT32_LIMIT = 2**31 - 1
+
+
+def separable_name_expression(in_dtype: str, out_dtype: str, ndim: int, mode: str,
+                              interpolation: str) -> str:
+    """The C++ name of one ``fuse_chunk_separable`` instantiation."""
+    general = fuse_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
+    return general.replace("fuse_chunk<", "fuse_chunk_separable<")[:-1] + f", {SEPARABLE_PX}>"
+
+
+def separable_applies(table: ChunkTable) -> bool:
+    """Whether ``fuse_chunk_separable`` can fuse this chunk: at least one entry, every entry a
+    pure translation, and the chunk, every window and each table fit 32-bit indices."""
+    k = len(table)
+    if k == 0 or not bool(np.all(table.translation)):
+        return False
+    shape = [int(n) for n in table.shape]
+    rows = int(np.prod(shape[:-1]))
+    groups = -(-shape[-1] // SEPARABLE_PX)
+    sizes = np.prod(table.win_shape, axis=1, dtype=np.int64)
+    return (int(np.prod(shape)) <= _INT32_LIMIT and rows * groups <= _INT32_LIMIT
+            and int(sizes.max()) <= _INT32_LIMIT and 2 * k * sum(shape) <= _INT32_LIMIT)
+
+
+def _kernel_min(a: np.ndarray, b: Any) -> np.ndarray:
+    """``gf_min(a, b)`` element-wise: ``b < a ? b : a`` (not ``np.minimum``'s NaN rules)."""
+    return np.where(b < a, b, a)
+
+
+def separable_tables(table: ChunkTable, params: FusionParams, acc_dtype: Any
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-axis tables of ``fuse_chunk_separable`` for a chunk of translations.
+
+    Every value is computed with the general kernel's operations, in float64 where it uses
+    doubles: ``q = offset_d + l`` (one rounded add), coverage ``lo - eps <= q <= hi + eps``,
+    the clamp into ``[lo, hi]``, ``floor``, the neighbours' indices clamped into the window,
+    the fraction ``(A)(q - floor(q))`` and the ramp (``gf_ramp``) cast to ``A``; so the
+    kernel's result equals the general kernel's bit for bit (cosine ramps: NumPy's ``cos``,
+    which may differ from the device's by an ulp, as the general kernel from the reference).
+
+    Returns
+    -------
+    cover : ndarray, int32, ``(k, ndim, 2)``
+        Covered range ``[lo, hi)`` of chunk coordinates along each axis (empty: ``[0, 0)``).
+    atab : ndarray, ``acc_dtype``, ``(k, sum(shape), 2)``
+        Fraction and ramp weight at each coordinate of each axis (axes one after another).
+    itab : ndarray, int32, ``(k, sum(shape), 2)``
+        Window element offsets (index times the window's stride along the axis) of the lower
+        and upper neighbour; for nearest both are the nearest pixel's.
+    """
+    adt = np.dtype(acc_dtype)
+    ndim, k = len(table.shape), len(table)
+    shape = [int(n) for n in table.shape]
+    total = sum(shape)
+    cover = np.zeros((k, ndim, 2), dtype=np.int32)
+    atab = np.zeros((k, total, 2), dtype=adt)
+    itab = np.zeros((k, total, 2), dtype=np.int32)
+    ramp = params.mode in ("linear", "cosine")
+    w0 = table.win_lo.astype(np.int64)
+    ts = table.tile_shape.astype(np.int64)
+    ws = table.win_shape.astype(np.int64)
+    start = 0
+    for d in range(ndim):  # all entries at once, one axis at a time
+        n = shape[d]
+        rows = slice(start, start + n)
+        start += n
+        q = table.offset[:, d:d + 1].astype(np.float64) + np.arange(n, dtype=np.float64)
+        lo = (-w0[:, d:d + 1]).astype(np.float64)
+        hi = (ts[:, d:d + 1] - 1 - w0[:, d:d + 1]).astype(np.float64)
+        ok = (q >= lo - COVER_EPS) & (q <= hi + COVER_EPS)
+        any_ok = ok.any(axis=1)
+        # q increases with l: the covered coordinates of an entry are one range
+        first = np.argmax(ok, axis=1)
+        last_ok = n - np.argmax(ok[:, ::-1], axis=1)
+        cover[:, d, 0] = np.where(any_ok, first, 0)
+        cover[:, d, 1] = np.where(any_ok, last_ok, 0)
+        q = _kernel_min(np.where(q < lo, lo, q), hi)  # gf_min(gf_max(q, lo), hi)
+        last = ws[:, d:d + 1] - 1
+        stride = np.prod(ws[:, d + 1:], axis=1, dtype=np.int64)[:, None]
+        if params.interpolation == "nearest":
+            i0 = i1 = np.clip(np.floor(q + 0.5).astype(np.int64), 0, last)
+            frac = np.zeros(q.shape, dtype=adt)
+        else:
+            fl = np.floor(q)
+            i0 = np.clip(fl.astype(np.int64), 0, last)
+            i1 = np.minimum(i0 + 1, last)
+            frac = (q - fl).astype(adt)
+        itab[:, rows, 0] = i0 * stride
+        itab[:, rows, 1] = i1 * stride
+        atab[:, rows, 0] = frac
+        width = float(params.blend_width[d])
+        if ramp and width > 0.0:
+            t = q + w0[:, d:d + 1].astype(np.float64)
+            dist = _kernel_min(t + 0.5, ts[:, d:d + 1].astype(np.float64) - 0.5 - t)
+            r = _kernel_min(dist / width, 1.0)
+            if params.mode == "cosine":
+                r = 0.5 - 0.5 * np.cos(np.pi * r)
+            atab[:, rows, 1] = r.astype(adt)
+        else:
+            atab[:, rows, 1] = 1
+    return cover, atab, itab
+
+
+@dataclass(frozen=True)
+class SeparablePacking:
+    """Where everything of one chunk lies in its separable buffer (offsets in bytes)::
+
+        [ woff: k int64 | cover: k x ndim x 2 int32 | pad | atab | itab | pad | windows ]
+    """
+
+    ndim: int
+    n_entries: int
+    window_dtype: np.dtype
+    acc_dtype: np.dtype
+    cover_offset: int
+    atab_offset: int
+    itab_offset: int
+    windows_offset: int
+    nbytes: int
+    window_starts: np.ndarray
+
+
+def separable_packing(table: ChunkTable, window_dtype: Any) -> SeparablePacking:
+    """Lay out the separable buffer of one chunk whose windows are read as ``window_dtype``."""
+    dtype = np.dtype(window_dtype)
+    acc = np.dtype(FUSE_ACCUMULATOR[dtype.name])
+    ndim, k = len(table.shape), len(table)
+    sizes = np.prod(table.win_shape, axis=1, dtype=np.int64) if k else np.zeros(0, np.int64)
+    starts = np.zeros(k, dtype=np.int64)
+    if k:
+        np.cumsum(sizes[:-1], out=starts[1:])
+    tlen = 2 * k * sum(int(n) for n in table.shape)
+    cover = 8 * k
+    atab = -(-(cover + 4 * k * ndim * 2) // 8) * 8
+    itab = atab + tlen * acc.itemsize
+    windows = -(-(itab + 4 * tlen) // WINDOW_ALIGN) * WINDOW_ALIGN
+    nbytes = windows + int(sizes.sum()) * dtype.itemsize
+    return SeparablePacking(ndim, k, dtype, acc, cover, atab, itab, windows, nbytes, starts)
+
+
+def pack_separable_chunk(windows: Sequence[Any] | None, table: ChunkTable,
+                         packing: SeparablePacking, buffer: np.ndarray,
+                         params: FusionParams) -> None:
+    """Write the tables (and, unless ``windows`` is None, the windows) of one chunk into
+    ``buffer`` (uint8, 1-D, at least ``packing.windows_offset`` or ``packing.nbytes`` bytes)."""
+    need = packing.windows_offset if windows is None else packing.nbytes
+    if buffer.dtype != np.uint8 or buffer.ndim != 1 or buffer.size < need:
+        raise ValueError(f"pack_separable_chunk: buffer must be 1-D uint8 of {need} bytes")
+    k = packing.n_entries
+    cover, atab, itab = separable_tables(table, params, packing.acc_dtype)
+    buffer[:packing.cover_offset].view(np.int64)[:] = packing.window_starts
+    buffer[packing.cover_offset:packing.cover_offset + cover.nbytes].view(np.int32)[:] = \
+        cover.reshape(-1)
+    buffer[packing.cover_offset + cover.nbytes:packing.atab_offset] = 0
+    buffer[packing.atab_offset:packing.itab_offset].view(packing.acc_dtype)[:] = \
+        atab.reshape(-1)
+    iend = packing.itab_offset + itab.nbytes
+    buffer[packing.itab_offset:iend].view(np.int32)[:] = itab.reshape(-1)
+    buffer[iend:packing.windows_offset] = 0
+    if windows is None:
+        return
+    if len(windows) != k:
+        raise ValueError(f"pack_separable_chunk: {len(windows)} windows for {k} entries")
+    pixels = buffer[packing.windows_offset:packing.nbytes].view(packing.window_dtype)
+    for win, dst in zip(windows, window_views(pixels, table, packing), strict=True):
+        if win.shape != dst.shape:
+            raise ValueError(f"pack_separable_chunk: window shape {win.shape} differs from "
+                             f"the plan's {dst.shape}")
+        np.copyto(dst, win, casting="unsafe")
+
+
+def separable_kernel_args(base: int, out: Any, packing: SeparablePacking,
+                          shape: Sequence[int], params: FusionParams) -> tuple:
+    """Arguments of ``fuse_chunk_separable`` for a separable buffer at address ``base``."""
+    s = [int(v) for v in shape] + [1] * (3 - len(shape))
+    keep = keeps_single_samples(params.mode, packing.window_dtype, params.out_dtype)
+    return (np.uint64(base + packing.windows_offset), np.uint64(base),
+            np.uint64(base + packing.cover_offset), np.uint64(base + packing.atab_offset),
+            np.uint64(base + packing.itab_offset), np.int64(packing.n_entries), out,
+            np.int64(s[0]), np.int64(s[1]), np.int64(s[2]), np.int64(keep))
+
+
+def separable_launch_total(shape: Sequence[int]) -> int:
+    """Threads ``fuse_chunk_separable`` needs: one per ``SEPARABLE_PX`` pixels of a row."""
+    shape = [int(n) for n in shape]
+    return int(np.prod(shape[:-1])) * -(-shape[-1] // SEPARABLE_PX)
 
 
 def launch_config(total: int, block: int = 256, max_blocks: int = 1 << 20) -> tuple[int, int]:
@@ -343,6 +537,19 @@ def fuse_kernel(in_dtype: str, out_dtype: str, ndim: int, mode: str, interpolati
     import cupy
 
     expr = fuse_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
+    module = cupy.RawModule(code=kernel_source("fuse"), options=COMPILE_OPTIONS,
+                            name_expressions=(expr,))
+    return module.get_function(expr)
+
+
+@CachedGetter
+def separable_kernel(in_dtype: str, out_dtype: str, ndim: int, mode: str,
+                     interpolation: str) -> Any:
+    """The compiled ``fuse_chunk_separable`` kernel for one configuration (as
+    :func:`fuse_kernel`, from the same source)."""
+    import cupy
+
+    expr = separable_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
     module = cupy.RawModule(code=kernel_source("fuse"), options=COMPILE_OPTIONS,
                             name_expressions=(expr,))
     return module.get_function(expr)

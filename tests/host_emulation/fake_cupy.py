@@ -5,7 +5,9 @@ packing, argument tuples, pointer passing, output casts, the cached getters and 
 graph) run on a CPU-only machine: ``RawModule.get_function`` returns a launcher that calls
 the g++-compiled kernel for that name expression; "device" arrays are the strict
 :class:`~.strict_cupy.DeviceArray` (no implicit conversion to NumPy, no host arrays mixed
-into device operations, ``.data.ptr`` for kernels); streams and events do nothing. It checks
+into device operations, ``.data.ptr`` for kernels); streams and events keep CuPy's rules
+of which stream work goes on and report uses that would race on a GPU
+(:data:`~.strict_cupy.STREAMS`; the kernels themselves run at once). It checks
 what CuPy would insist on: kernel arguments are device arrays or NumPy scalars of the
 kernel's C types, launch dimensions are tuples, and compile options are the backend's.
 NumPy functions on device arrays run on them as CuPy's ``__array_function__`` does (dask
@@ -24,8 +26,18 @@ import numpy as np
 
 from gpufusion.backends import cuda_kernels as ck
 
-from .harness import HostKernels, _downsample_symbol, _fuse_symbol
-from .strict_cupy import DeviceArray, build_strict_cupy
+from .harness import HostKernels, _downsample_symbol, _fuse_symbol, _separable_symbol
+from .strict_cupy import (
+    NULL_STREAM,
+    STREAMS,
+    DeviceArray,
+    FakeEvent,
+    FakeStream,
+    build_strict_cupy,
+    check_streams,
+    current_stream,
+    empty_pinned,
+)
 
 
 def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleType]:
@@ -33,6 +45,8 @@ def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleTy
     calls: dict[str, Any] = {}
     for key in host.fuse_keys:
         calls[ck.fuse_name_expression(*key)] = getattr(host.libs["fuse"], _fuse_symbol(key))
+        calls[ck.separable_name_expression(*key)] = getattr(host.libs["fuse"],
+                                                            _separable_symbol(key))
     for key in host.downsample_keys:
         calls[ck.downsample_name_expression(*key)] = getattr(host.libs["downsample"],
                                                              _downsample_symbol(*key))
@@ -60,46 +74,56 @@ def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleTy
             cupy.builds.append(expr)  # type: ignore[attr-defined]
             fn = calls[expr]
 
-            def launch(grid: tuple, block: tuple, args: tuple) -> None:
+            def launch(grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 0,
+                       stream: FakeStream | None = None) -> None:
                 assert isinstance(grid, tuple) and isinstance(block, tuple)
+                check_streams(expr, args, stream)  # RawKernel: the current stream if None
                 fn(grid[0], block[0], *(kernel_arg(a) for a in args))
 
             return launch
 
-    class Stream:
-        def __init__(self, non_blocking: bool = False) -> None:
-            self.non_blocking = non_blocking
+    class Device:
+        def __init__(self, device: int | None = None) -> None:
+            self.id = 0
 
-        def __enter__(self) -> Stream:
+        def synchronize(self) -> None:
+            STREAMS.synchronize_all()
+
+        def __enter__(self) -> Device:
             return self
 
         def __exit__(self, *exc: object) -> None:
             return None
 
-        def synchronize(self) -> None:
-            return None
-
-    class Event:
-        def record(self, stream: Any = None) -> None:
-            return None
-
-        def synchronize(self) -> None:
-            return None
-
-    class Device:
-        def synchronize(self) -> None:
-            return None
-
+    FakeStream.null = NULL_STREAM  # type: ignore[attr-defined]
     runtime = types.SimpleNamespace(
         getDevice=lambda: 0, getDeviceCount=lambda: 1,
         getDeviceProperties=lambda dev: {"name": b"Host emulation"})
     cupy.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
-        Stream=Stream, Event=Event, Device=Device, runtime=runtime,
-        get_elapsed_time=lambda a, b: 0.5, get_current_stream=lambda: Stream())
+        Stream=FakeStream, Event=FakeEvent, Device=Device, runtime=runtime,
+        get_elapsed_time=lambda a, b: 0.5, get_current_stream=current_stream)
+    class MemoryPool:  # the emulated device has no pool: limits are only remembered
+        def __init__(self) -> None:
+            self.limit = 0
+
+        def set_limit(self, size: int | None = None, fraction: float | None = None) -> None:
+            self.limit = int(size or 0)
+
+        def get_limit(self) -> int:
+            return self.limit
+
+        def free_all_blocks(self) -> None:
+            return None
+
+        def used_bytes(self) -> int:
+            return 0
+
+    pool = MemoryPool()
+    cupy.get_default_memory_pool = lambda: pool  # type: ignore[attr-defined]
     cupy.RawModule = RawModule  # type: ignore[attr-defined]
     cupy.host_emulation = True  # type: ignore[attr-defined]  # tests tell it from a real GPU
     cupyx = types.ModuleType("cupyx")
-    cupyx.empty_pinned = lambda shape, dtype=np.float64: np.empty(shape, dtype)  # type: ignore
+    cupyx.empty_pinned = empty_pinned  # type: ignore[attr-defined]
     return cupy, cupyx
 
 
@@ -120,7 +144,7 @@ def emulated_gpu(host: HostKernels, monkeypatch: Any) -> Iterator[types.ModuleTy
     monkeypatch.setattr(DeviceArray, "dispatch_numpy", True)
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
-    caches = (ck.fuse_kernel, ck.downsample_kernel, get_backend)
+    caches = (ck.fuse_kernel, ck.separable_kernel, ck.downsample_kernel, get_backend)
     for c in caches:
         c.cache_clear()
     ok, why = gpu_status()

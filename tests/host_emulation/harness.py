@@ -67,6 +67,33 @@ extern "C" void {_fuse_symbol(key)}(unsigned int grid, unsigned int block, const
     return "\n".join(out)
 
 
+_SEPARABLE_ARGS = [ctypes.c_uint, ctypes.c_uint] + [ctypes.c_void_p] * 5 + \
+    [ctypes.c_longlong, ctypes.c_void_p] + [ctypes.c_longlong] * 4
+
+
+def _separable_symbol(key: FuseKey) -> str:
+    return _fuse_symbol(key).replace("gf_host_fuse_", "gf_host_fuse_separable_")
+
+
+def _separable_wrappers(keys: Sequence[FuseKey]) -> str:
+    out = []
+    for key in keys:
+        expr = ck.separable_name_expression(*key)
+        tin, tout = ck.CTYPES[key[0]], ck.CTYPES[key[1]]
+        acc = ck.CTYPES[ck.FUSE_ACCUMULATOR[key[0]]]
+        out.append(f"""
+extern "C" void {_separable_symbol(key)}(unsigned int grid, unsigned int block,
+        const void* windows, const long long* woff, const int* cover, const void* atab,
+        const int* itab, long long n_entries, void* out, long long s0, long long s1,
+        long long s2, long long keep_single) {{
+    gf_host_launch(grid, block, [&]() {{
+        {expr}((const {tin}*)windows, woff, cover, (const {acc}*)atab, itab, n_entries,
+               ({tout}*)out, s0, s1, s2, keep_single);
+    }});
+}}""")
+    return "\n".join(out)
+
+
 def _downsample_symbol(dtype: str, algorithm: str) -> str:
     return f"gf_host_downsample_{dtype}_{algorithm}"
 
@@ -108,6 +135,8 @@ class HostKernels:
         for key in fuse_keys:
             fn = getattr(libs["fuse"], _fuse_symbol(key))
             fn.argtypes, fn.restype = _FUSE_ARGS, None
+            fn = getattr(libs["fuse"], _separable_symbol(key))
+            fn.argtypes, fn.restype = _SEPARABLE_ARGS, None
         for name, algorithm in downsample_keys:
             fn = getattr(libs["downsample"], _downsample_symbol(name, algorithm))
             fn.argtypes, fn.restype = _DS_ARGS, None
@@ -115,8 +144,9 @@ class HostKernels:
     @classmethod
     def build(cls, workdir: Path, fuse_keys: Sequence[FuseKey],
               downsample_keys: Sequence[tuple[str, str]]) -> HostKernels:
-        """Compile both kernel files (in parallel) into ``workdir`` and load them."""
-        units = {"fuse": _fuse_wrappers(fuse_keys),
+        """Compile both kernel files (in parallel) into ``workdir`` and load them; each
+        fusion key builds the general kernel and its separable twin."""
+        units = {"fuse": _fuse_wrappers(fuse_keys) + _separable_wrappers(fuse_keys),
                  "downsample": _downsample_wrappers(downsample_keys)}
         procs, paths = {}, {}
         for kernel, wrappers in units.items():
@@ -162,6 +192,31 @@ class HostKernels:
         grid, threads = ck.launch_config(math.prod(table.shape), block, max_blocks)
         fn = getattr(self.libs["fuse"], _fuse_symbol(key))
         fn(grid, threads, *(float(a) if isinstance(a, np.floating) else int(a) for a in args))
+        return out if kout == out_dtype.name else cast_output(out, out_dtype)
+
+    def fuse_chunk_separable(self, windows: Sequence[np.ndarray], table: ChunkTable,
+                             params: FusionParams, *, block: int = 64,
+                             max_blocks: int = 1 << 20) -> np.ndarray:
+        """Fuse one chunk of translations with the emulated separable kernel."""
+        out_dtype = np.dtype(params.out_dtype)
+        kin, kout = ck.fusion_kernel_dtypes(windows[0].dtype, out_dtype)
+        if not ck.separable_applies(table):
+            raise ValueError("the separable kernel does not apply to this chunk")
+        key = (kin, kout, len(table.shape), params.mode, params.interpolation)
+        if key not in self.fuse_keys:
+            raise KeyError(f"instantiation {key} was not built for the host")
+        packing = ck.separable_packing(table, kin)
+        buffer = np.zeros(packing.nbytes + 64, dtype=np.uint8)
+        base = -buffer.ctypes.data % 64
+        buf = buffer[base:base + packing.nbytes]
+        ck.pack_separable_chunk(windows, table, packing, buf, params)
+        out = np.zeros(table.shape, dtype=kout)
+        args = ck.separable_kernel_args(buf.ctypes.data, out.ctypes.data, packing, table.shape,
+                                        params)
+        grid, threads = ck.launch_config(ck.separable_launch_total(table.shape), block,
+                                         max_blocks)
+        fn = getattr(self.libs["fuse"], _separable_symbol(key))
+        fn(grid, threads, *(int(a) for a in args))
         return out if kout == out_dtype.name else cast_output(out, out_dtype)
 
     def downsample_mean2(self, arr: np.ndarray, factors: Sequence[int],

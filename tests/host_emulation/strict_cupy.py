@@ -20,18 +20,235 @@ single-precision FFTs return) and ``cuda.runtime.getDeviceCount`` reports one de
 ``RawModule`` knows only ``downsample_mean2`` (run by its NumPy reference): enough for the
 trial kernel of :func:`gpufusion.backends.gpu_status`, so the stand-in counts as a usable
 GPU. The counters in ``STATS`` let a test check the device path was actually taken.
+
+Streams are modelled as far as their rules go, not their timing: every device array is
+tagged with the stream current when its memory was allocated (as CuPy's pool ties a block
+to that stream's free list); a kernel launch, a device function or a copy that touches an
+array allocated on another stream than the one it runs on is a *stream crossing*, and a
+device-to-host copy into memory that is not pinned (:func:`empty_pinned`) or not on an
+explicit stream is a *pageable download*. Both are appended to ``STREAMS.violations``;
+with ``STREAMS.strict`` set they raise :class:`StreamViolation` at once. Work runs at
+once on the host, so this sees the pattern that races on a GPU, not the race itself.
 """
 
 from __future__ import annotations
 
 import operator
+import threading
 import types
+import weakref
 from collections import Counter
 from typing import Any
 
 import numpy as np
 
 STATS: Counter[str] = Counter()
+
+
+class StreamViolation(AssertionError):
+    """Device memory used across streams in a way that races on a GPU."""
+
+
+class FakeStream:
+    """A CUDA stream as far as its ordering rules go: which one is current (per thread, as
+    CuPy's ``with stream``), how much work was enqueued on it, how often it was waited for."""
+
+    def __init__(self, non_blocking: bool = False, name: str = "") -> None:
+        self.non_blocking = non_blocking
+        self.name = name or f"stream-{id(self):x}"
+        self.enqueued = 0  # operations enqueued
+        self.synchronized = 0  # waits that found every enqueued operation done
+        STREAMS.all.add(self)
+
+    def __enter__(self) -> FakeStream:
+        _stack().append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _stack().pop()
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
+
+    def use(self) -> FakeStream:
+        stack = _stack()
+        if stack:
+            stack[-1] = self
+        else:
+            stack.append(self)
+        return self
+
+    def __repr__(self) -> str:
+        return f"<FakeStream {self.name}>"
+
+
+class FakeEvent:
+    """``cupy.cuda.Event``: waiting for it counts as synchronising its stream only if
+    nothing was enqueued there after it was recorded."""
+
+    def __init__(self, block: bool = False, disable_timing: bool = False,
+                 interprocess: bool = False) -> None:
+        self.recorded: tuple[FakeStream, int] | None = None
+
+    def record(self, stream: FakeStream | None = None) -> None:
+        stream = current_stream() if stream is None else stream
+        self.recorded = (stream, stream.enqueued)
+
+    def synchronize(self) -> None:
+        if self.recorded is not None and self.recorded[0].enqueued == self.recorded[1]:
+            self.recorded[0].synchronize()
+
+
+class _Memory:
+    """What the stream rules know of one allocation: its stream (CuPy's pool gives the
+    block back to that stream's free list) and the other streams that used it."""
+
+    __slots__ = ("ref", "home", "home_mark", "foreign", "shape")
+
+    def __init__(self, ref: weakref.ref, home: FakeStream, shape: tuple) -> None:
+        self.ref, self.home, self.shape = ref, home, shape
+        self.home_mark = home.synchronized  # `home.synchronized` at its last use there
+        # stream -> (its `synchronized` at the last use there, what that use was)
+        self.foreign: dict[FakeStream, tuple[int, str]] = {}
+
+
+class _StreamRules:
+    """Ledger of the stream rules (see the module docstring); ``reset()`` between tests."""
+
+    def __init__(self) -> None:
+        self.strict = False
+        self.violations: list[str] = []
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.memory: dict[int, _Memory] = {}  # id(root array) -> its record
+        self.pinned: dict[int, weakref.ref] = {}  # id(root) of pinned host buffers
+        self.all: weakref.WeakSet[FakeStream] = weakref.WeakSet()
+
+    def report(self, message: str, raise_now: bool = True) -> None:
+        with self.lock:
+            if len(self.violations) < 1000:
+                self.violations.append(message)
+        if self.strict and raise_now:
+            raise StreamViolation(message)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.violations.clear()
+
+    def synchronize_all(self) -> None:
+        for stream in list(self.all):
+            stream.synchronize()
+
+
+STREAMS = _StreamRules()
+
+#: The legacy default stream (current when no ``with stream`` is open).
+NULL_STREAM = FakeStream(name="legacy-null")
+
+
+def _stack() -> list[FakeStream]:
+    return STREAMS.local.__dict__.setdefault("stack", [])
+
+
+def current_stream() -> FakeStream:
+    """The stream work is enqueued on now (``cupy.cuda.get_current_stream``)."""
+    stack = _stack()
+    return stack[-1] if stack else NULL_STREAM
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _freed(key: int) -> None:
+    """The memory of an allocation went back to its stream's free list."""
+    mem = STREAMS.memory.pop(key, None)
+    if mem is None:
+        return
+    for stream, (mark, what) in mem.foreign.items():
+        if stream.synchronized == mark:
+            STREAMS.report(f"freed while in use: an array {mem.shape} allocated on "
+                           f"{mem.home.name} was freed (its block free for the next allocation "
+                           f"on {mem.home.name}) while {what} on {stream.name} that uses it "
+                           "was not waited for", raise_now=False)
+
+
+def _tag(a: np.ndarray) -> None:
+    """Record the allocation of ``a``'s memory on the current stream (unless known)."""
+    root = _root(a)
+    key = id(root)
+    mem = STREAMS.memory.get(key)
+    if mem is None or mem.ref() is not root:
+        ref = weakref.ref(root, lambda _r, key=key: _freed(key))
+        STREAMS.memory[key] = _Memory(ref, current_stream(), root.shape)
+
+
+def _memory(d: DeviceArray) -> _Memory | None:
+    root = _root(d._a)
+    mem = STREAMS.memory.get(id(root))
+    return mem if mem is not None and mem.ref() is root else None
+
+
+def allocation_stream(d: DeviceArray) -> FakeStream | None:
+    """The stream the memory of ``d`` was allocated on."""
+    mem = _memory(d)
+    return None if mem is None else mem.home
+
+
+def check_streams(what: str, values: Any, stream: FakeStream | None = None) -> None:
+    """Record that ``what`` is enqueued on ``stream`` (default the current one) and uses the
+    device arrays among ``values``; report a use that races on a GPU:
+
+    * on another stream than the array's, while work on its own stream was not waited for
+      (it may not be written yet);
+    * on its own stream, while work on another stream that used it was not waited for.
+
+    Freeing an array while another stream's use of it was not waited for is reported when
+    it is freed (its block could be handed to the next allocation on its stream).
+    """
+    stream = current_stream() if stream is None else stream
+    for v in _device_arrays(values):
+        mem = _memory(v)
+        if mem is None:
+            continue
+        if mem.home is stream:
+            for other, (mark, _) in mem.foreign.items():
+                if other.synchronized == mark:
+                    STREAMS.report(f"{what}: an array {v.shape} used on {stream.name} while "
+                                   f"work on {other.name} that uses it was not waited for")
+            mem.home_mark = stream.synchronized
+        else:
+            if mem.home.synchronized == mem.home_mark:
+                STREAMS.report(f"{what}: an array {v.shape} allocated on {mem.home.name} used "
+                               f"on {stream.name} before {mem.home.name} was waited for")
+            mem.foreign[stream] = (stream.synchronized, what)
+    stream.enqueued += 1
+
+
+def _device_arrays(values: Any) -> list:
+    if isinstance(values, DeviceArray):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [d for v in values for d in _device_arrays(v)]
+    if isinstance(values, dict):
+        return _device_arrays(list(values.values()))
+    return []
+
+
+def empty_pinned(shape: Any, dtype: Any = np.float64) -> np.ndarray:
+    """``cupyx.empty_pinned``: a host array whose memory counts as pinned."""
+    a = np.empty(shape, dtype)
+    key = id(a)
+    STREAMS.pinned[key] = weakref.ref(a, lambda _r, key=key: STREAMS.pinned.pop(key, None))
+    return a
+
+
+def is_pinned(a: np.ndarray) -> bool:
+    root = _root(a)
+    ref = STREAMS.pinned.get(id(root))
+    return ref is not None and ref() is root
 
 
 class DeviceArray:
@@ -42,6 +259,7 @@ class DeviceArray:
 
     def __init__(self, a: np.ndarray) -> None:
         self._a = a
+        _tag(a)
 
     # -- what CuPy refuses -----------------------------------------------------------------
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
@@ -51,6 +269,7 @@ class DeviceArray:
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         # as CuPy: NumPy ufuncs run on the device (``np.float32(2) * d`` is a device array),
         # and a host array among the operands is refused
+        check_streams(f"numpy.{ufunc.__name__}", (inputs, kwargs))
         return _wrap(getattr(ufunc, method)(*_unwrap(inputs), **_unwrap(kwargs)))
 
     #: False: NumPy functions on device arrays are refused (registration tests). True: they
@@ -61,6 +280,7 @@ class DeviceArray:
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         if not DeviceArray.dispatch_numpy:
             raise TypeError(f"numpy.{func.__name__} called on a device array")
+        check_streams(f"numpy.{func.__name__}", (args, kwargs))
         return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
 
     def __iter__(self) -> Any:
@@ -85,16 +305,39 @@ class DeviceArray:
         return self._a.reshape(-1)[0]
 
     # -- explicit transfers ----------------------------------------------------------------
-    def get(self) -> np.ndarray:
+    def get(self, stream: Any = None, order: str = "C", out: np.ndarray | None = None,
+            blocking: bool = True) -> np.ndarray:
+        """Device to host (``cupy.ndarray.get``): a new array, or into ``out`` (same shape
+        and dtype, C-contiguous, as CuPy requires); checked against the stream rules."""
         STATS["to_host"] += 1
-        return self._a.copy()
+        on = current_stream() if stream is None else stream
+        check_streams("get", self, on)
+        if stream is None:  # a synchronous copy: complete (with all before it) on return
+            on.synchronize()
+        # with a stream, the copy may still run on return (CuPy before 13 ignores
+        # `blocking`): the caller waits for the stream
+        if out is None:
+            STATS["pageable_to_host"] += 1
+            return self._a.copy()
+        if not isinstance(out, np.ndarray) or out.shape != self.shape \
+                or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError("get: `out` must be a C-contiguous host array of the same shape "
+                             "and dtype")
+        STATS["pinned_to_host" if is_pinned(out) else "pageable_to_host"] += 1
+        np.copyto(out, self._a)
+        return out
 
     def set(self, arr: np.ndarray, stream: Any = None) -> None:
         """Host to device into this array (``cupy.ndarray.set``): same shape and dtype."""
         if not isinstance(arr, np.ndarray) or arr.shape != self.shape or arr.dtype != self.dtype:
             raise TypeError("set: a host array of the same shape and dtype is required")
         STATS["to_device"] += 1
+        check_streams("set", self, current_stream() if stream is None else stream)
         np.copyto(self._a, arr)
+
+    @property
+    def flags(self) -> Any:
+        return self._a.flags
 
     @property
     def data(self) -> Any:
@@ -120,7 +363,12 @@ class DeviceArray:
     def __getattr__(self, name: str) -> Any:
         if name in _METHODS:
             method = getattr(self._a, name)
-            return lambda *args, **kwargs: _wrap(method(*_unwrap(args), **_unwrap(kwargs)))
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                check_streams(f"ndarray.{name}", (self, args, kwargs))
+                return _wrap(method(*_unwrap(args), **_unwrap(kwargs)))
+
+            return call
         raise AttributeError(f"DeviceArray has no attribute {name!r} here")
 
     def __getitem__(self, key: Any) -> Any:
@@ -199,6 +447,7 @@ def _wrap(x: Any) -> Any:
 def _device_function(fn: Any) -> Any:
     def call(*args: Any, **kwargs: Any) -> Any:
         STATS["calls"] += 1
+        check_streams(f"cupy.{fn.__name__}", (args, kwargs))
         return _wrap(fn(*_unwrap(args), **_unwrap(kwargs)))
     call.__name__ = fn.__name__
     return call
@@ -262,9 +511,11 @@ def build_strict_cupy() -> types.ModuleType:
 
     class Device:
         def synchronize(self) -> None:
-            return None
+            STREAMS.synchronize_all()
 
-    cupy.cuda = types.SimpleNamespace(runtime=runtime, Device=Device)  # type: ignore[attr-defined]
+    cupy.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
+        runtime=runtime, Device=Device, Stream=FakeStream, Event=FakeEvent,
+        get_current_stream=current_stream)
     cupy.RawModule = ReferenceRawModule  # type: ignore[attr-defined]
     return cupy
 
@@ -284,7 +535,9 @@ class ReferenceRawModule:
             raise NotImplementedError(f"strict stand-in: no kernel {expr!r}")
         algorithm = ck.DOWNSAMPLE_ALGORITHMS[int(expr.rstrip(">").rsplit(",", 1)[1])]
 
-        def launch(grid: tuple, block: tuple, args: tuple) -> None:
+        def launch(grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 0,
+                   stream: Any = None) -> None:
+            check_streams(expr, args, stream)
             src, out, *dims = args
             shape4, factors4 = [int(v) for v in dims[:4]], [int(v) for v in dims[4:]]
             result = downsample_mean2(src._a.reshape(shape4), factors4, algorithm=algorithm)
