@@ -8,7 +8,7 @@ Run on a GPU machine::
 What is measured, each after an untimed warm-up (kernel compilation, memory pools), with a
 device synchronisation inside the timed function:
 
-* ``test_copy_bandwidth``: a device-to-device copy of 1 GiB, the ceiling a memory-bound
+* ``test_copy_bandwidth``: a device-to-device copy (1 GiB by default), the ceiling a memory-bound
   kernel can approach (bytes read + bytes written per second).
 * ``test_fusion_kernel_bandwidth``: the fusion kernel alone over every chunk of a synthetic
   mosaic, packed and resident on the device: effective bandwidth (window bytes read +
@@ -21,7 +21,8 @@ The whole-slide case (600 tiles from TIFF files to OME-Zarr, CPU and GPU, with a
 breakdown) is ``benchmarks/bench_wsi.py``.
 
 ``extra_info`` records the device name, Mpx/s and GB/s.
-Sizes: ``GPUFUSION_BENCH_GRID`` (default ``4x4``) tiles of ``GPUFUSION_BENCH_TILE`` (2048).
+Sizes: ``GPUFUSION_BENCH_GRID`` (default ``4x4``) tiles of ``GPUFUSION_BENCH_TILE`` (2048);
+copies of ``GPUFUSION_BENCH_COPY_MIB`` (default 1024) MiB.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"no usable
 
 GRID = tuple(int(v) for v in os.environ.get("GPUFUSION_BENCH_GRID", "4x4").split("x"))
 TILE = int(os.environ.get("GPUFUSION_BENCH_TILE", "2048"))
+COPY_BYTES = int(os.environ.get("GPUFUSION_BENCH_COPY_MIB", "1024")) << 20
 CHUNK = 1024
 ROUNDS = 5
 
@@ -76,7 +78,7 @@ def copy_gbps() -> float:
     """Device-to-device copy bandwidth (GB/s, read + written), median of 10 copies."""
     import cupy
 
-    n = 1 << 30
+    n = COPY_BYTES
     src = cupy.full(n, 7, dtype=np.uint8)
     dst = cupy.empty_like(src)
     cupy.copyto(dst, src)  # warm-up
@@ -134,7 +136,7 @@ def numpy_seconds(synthetic) -> float:
 def test_copy_bandwidth(benchmark, copy_gbps: float) -> None:
     import cupy
 
-    n = 1 << 30
+    n = COPY_BYTES
     src = cupy.ones(n, dtype=np.uint8)
     dst = cupy.empty_like(src)
 
@@ -152,10 +154,14 @@ def test_fusion_kernel_bandwidth(benchmark, synthetic, setup, copy_gbps: float) 
 
     _, mosaic = synthetic
     backend, params, plan = setup
-    chunks = [backend.upload(chunk_windows(mosaic, plan.chunk(idx)), plan.chunk(idx), params)
-              for idx in np.ndindex(*plan.numblocks) if len(plan.chunk(idx))]
+    chunks, window_bytes = [], 0
+    for idx in np.ndindex(*plan.numblocks):
+        if len(plan.chunk(idx)):
+            windows = chunk_windows(mosaic, plan.chunk(idx))
+            window_bytes += sum(w.nbytes for w in windows)  # read once each, whatever packing
+            chunks.append(backend.upload(windows, plan.chunk(idx), params))
     out_bytes = sum(math.prod(c.shape) for c in chunks) * np.dtype(params.out_dtype).itemsize
-    moved = sum(c.packing.window_bytes for c in chunks) + out_bytes
+    moved = window_bytes + out_bytes
 
     def launch_all() -> None:
         for c in chunks:

@@ -5,7 +5,9 @@
 * neither ``gpus`` nor ``scheduler``: yields ``None``; dask uses its local threaded
   scheduler (one process, all cores; with the ``cupy`` backend, all threads share the GPU).
 * ``gpus=[0, 1]``: starts a ``dask_cuda.LocalCUDACluster`` with one worker process per GPU
-  (each sees only its own device) and yields a ``distributed.Client`` on it. Each worker
+  (each sees only its own device) and yields a ``distributed.Client`` on it. The indices
+  count the GPUs this process sees, as CUDA numbers them: under ``CUDA_VISIBLE_DEVICES=2,3``
+  ``[0, 1]`` are physical GPUs 2 and 3 (:func:`worker_devices`). Each worker
   gets several threads (default: the CPU cores shared out between the GPUs, at least 2;
   dask-cuda's own default is 1), so that while one chunk is on the device, others are
   being read and packed, and finished ones compressed and written: the kernel launches
@@ -32,7 +34,7 @@ None
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -64,6 +66,67 @@ def _check_gpus(gpus: Sequence[int]) -> None:
         raise InputError("--gpus: give at least one GPU index, such as 0 or 0,1")
     if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
         raise InputError(f"--gpus: indices must be distinct and >= 0, got {list(gpus)}")
+
+
+#: The environment variable that lists (and orders) the GPUs a CUDA process sees.
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def _visible_entries(text: str) -> list[str]:
+    """The devices a ``CUDA_VISIBLE_DEVICES`` value makes visible, in order, as written.
+
+    As CUDA reads it: comma-separated entries, each a device index (``2``) or a UUID
+    (``GPU-...``, ``MIG-...``), up to the first entry it cannot use (a negative index, an
+    empty or unknown entry), which hides that entry and every one after it (so ``-1`` and
+    ``""`` hide every GPU).
+    """
+    entries = []
+    for raw in text.split(","):
+        entry = raw.strip()
+        uuid = entry.upper().startswith(("GPU-", "MIG-"))
+        if not (uuid or (entry.isascii() and entry.isdigit())):
+            break
+        entries.append(entry)
+    return entries
+
+
+def worker_devices(gpus: Sequence[int], environ: Mapping[str, str] | None = None
+                   ) -> tuple[str, ...]:
+    """The ``CUDA_VISIBLE_DEVICES`` entries of the GPUs that ``--gpus`` indices name.
+
+    The indices count the devices this process sees, as CUDA does: without
+    ``CUDA_VISIBLE_DEVICES`` they are the machine's own indices; with it, positions in
+    its list (``2,3``: index 0 is physical GPU 2). The entries are returned as the parent
+    lists them (device UUIDs and MIG instances unchanged), for the workers' own
+    ``CUDA_VISIBLE_DEVICES``; the workers inherit ``CUDA_DEVICE_ORDER`` with the rest of
+    the environment, so an index means the same device to them as to this process.
+
+    Raises
+    ------
+    InputError
+        An index beyond the parent's list (named, with the list).
+
+    Examples
+    --------
+    >>> worker_devices([0, 1], {"CUDA_VISIBLE_DEVICES": "2,3"})
+    ('2', '3')
+    >>> worker_devices([1], {})
+    ('1',)
+    """
+    _check_gpus(gpus)
+    env = os.environ if environ is None else environ
+    parent = env.get(VISIBLE_ENV)
+    if parent is None:
+        return tuple(str(g) for g in gpus)
+    visible = _visible_entries(parent)
+    if not visible:
+        raise InputError(f"--gpus: {VISIBLE_ENV}={parent!r} hides every GPU from this process")
+    beyond = [g for g in gpus if g >= len(visible)]
+    if beyond:
+        raise InputError(f"--gpus: GPU {beyond[0]} does not exist here: {VISIBLE_ENV}="
+                         f"{parent!r} makes {len(visible)} visible (indices 0.."
+                         f"{len(visible) - 1})")
+    return tuple(visible[g] for g in gpus)
 
 
 def _device_count() -> int | None:
@@ -108,13 +171,14 @@ def local_gpu_cluster(gpus: Sequence[int], stack: ExitStack,
         threads_per_gpu = default_threads_per_gpu(len(gpus))
     if threads_per_gpu < 1:
         raise InputError(f"--threads-per-gpu: must be >= 1, got {threads_per_gpu}")
+    devices = worker_devices(gpus)
     try:
         from dask_cuda import LocalCUDACluster
         from distributed import Client
     except ImportError as exc:
         raise InputError(f"--gpus needs dask-cuda and distributed (pip install "
                          f"'gpufusion[gpu]'): {one_line(exc)}") from None
-    count = _device_count()
+    count = _device_count()  # of the devices this process sees: the indices' range
     if count == 0:
         raise InputError("--gpus: no usable CUDA device on this machine")
     if count is not None and max(gpus) >= count:
@@ -122,7 +186,7 @@ def local_gpu_cluster(gpus: Sequence[int], stack: ExitStack,
                          f"(indices 0..{count - 1})")
     try:
         cluster = stack.enter_context(LocalCUDACluster(
-            CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus), n_workers=len(gpus),
+            CUDA_VISIBLE_DEVICES=",".join(devices), n_workers=len(gpus),
             threads_per_worker=threads_per_gpu))
         return stack.enter_context(Client(cluster))
     except _cluster_errors() as exc:
@@ -212,7 +276,9 @@ def connect(gpus: Sequence[int] | None = None, scheduler: str | None = None,
     Parameters
     ----------
     gpus : sequence of int, optional
-        Local GPU indices: one ``dask_cuda`` worker process per GPU.
+        Local GPU indices, counted among the GPUs this process sees (relative to its
+        ``CUDA_VISIBLE_DEVICES``, as CUDA counts them): one ``dask_cuda`` worker process
+        per GPU.
     scheduler : str, optional
         Address of a running Dask scheduler, e.g. ``tcp://10.0.0.5:8786``.
     timeout : float, optional

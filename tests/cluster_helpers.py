@@ -66,7 +66,7 @@ def install_fake_dask_cuda(monkeypatch: pytest.MonkeyPatch,
     class LocalCUDACluster(distributed.LocalCluster):
         def __init__(self, CUDA_VISIBLE_DEVICES: str, **kwargs: Any) -> None:  # noqa: N803
             calls.append({"CUDA_VISIBLE_DEVICES": CUDA_VISIBLE_DEVICES, **kwargs})
-            super().__init__(processes=False, dashboard_address=None, **kwargs)
+            super().__init__(processes=False, dashboard_address=":0", **kwargs)
 
     module = types.ModuleType("dask_cuda")
     module.LocalCUDACluster = LocalCUDACluster  # type: ignore[attr-defined]
