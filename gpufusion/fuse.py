@@ -11,8 +11,9 @@ Peak memory is bounded by (threads x chunk x tiles touching a chunk), never the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import dask.array as da
@@ -26,7 +27,7 @@ from .errors import InputError
 from .layout import Mosaic
 from .plan import ChunkTable, FusionPlan, check_output_size, plan_fusion
 from .sources import TileSource
-from .spatial import overlapping_pairs
+from .spatial import chunk_bounds, overlapping_pairs
 
 DEFAULT_CHUNK = 1024
 
@@ -140,20 +141,184 @@ def fuse(
     >>> fuse(m, chunks=4).compute()[0].tolist()
     [10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
     """
+    return fuse_blocks(mosaic, chunks=chunks, blend=blend, blend_width=blend_width,
+                       interpolation=interpolation, dtype=dtype, backend=backend,
+                       algorithm=algorithm, on_workers=on_workers,
+                       allow_sparse=allow_sparse).to_dask()
+
+
+def fuse_blocks(mosaic: Mosaic, **options: Any) -> FusedBlocks:
+    """The fusion of :func:`fuse` as a grid of per-block callables (:class:`FusedBlocks`).
+
+    Same options, validation and planning as :func:`fuse`; nothing is read. A writer that
+    runs one task per output block calls ``grid.block_function(idx)()`` inside its own task
+    (:func:`gpufusion.writers.ome_zarr.write_ome_zarr`), so the fusion adds no task of its
+    own; ``grid.to_dask()`` is the array :func:`fuse` returns.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpufusion import mosaic_from_positions
+    >>> a = np.full((8, 8), 10, np.uint16)
+    >>> grid = fuse_blocks(mosaic_from_positions([a, a], [(0, 0), (0, 6)]), chunks=4)
+    >>> grid.numblocks, grid.block_function((1, 3))().tolist()
+    ((2, 4), [[10, 10], [10, 10], [10, 10], [10, 10]])
+    """
     if not isinstance(mosaic, Mosaic):
         raise InputError(f"mosaic: expected a gpufusion Mosaic (see mosaic_from_positions), "
                          f"got {type(mosaic).__name__}")
-    params = fusion_params(mosaic, blend=blend, blend_width=blend_width,
-                           interpolation=interpolation, dtype=dtype)
+    chunks = options.pop("chunks", DEFAULT_CHUNK)
+    backend, algorithm = options.pop("backend", "numpy"), options.pop("algorithm", "auto")
+    on_workers, allow_sparse = options.pop("on_workers", False), options.pop("allow_sparse",
+                                                                              False)
+    params = fusion_params(mosaic, **options)
     check_output_size(mosaic, chunks, allow_sparse=allow_sparse)  # before any planning
     name, meta = _backend_and_meta(backend, on_workers, mosaic.ndim, params.out_dtype)
-    plan = plan_fusion(mosaic, chunks)
-    tasks = chunk_task_array(plan, mosaic)
-    return da.map_blocks(
-        _fuse_block, tasks, chunks=plan.chunks, dtype=params.out_dtype, meta=meta,
-        name=f"gpufusion-fuse-{tasks.name.rsplit('-', 1)[-1]}",
-        params=params, backend=name, algorithm=algorithm,
-    )
+    return FusedBlocks(plan_fusion(mosaic, chunks), mosaic, params, name, algorithm, meta)
+
+
+class BlockGrid:
+    """A lazy image as a grid of blocks, each computed by a callable of its own.
+
+    What a block-task writer needs: ``shape``, ``chunks`` (dask's per-axis block sizes),
+    ``dtype``, ``backend`` (the name :func:`gpufusion.backends.task_scope` takes) and
+    :meth:`block_function`; :meth:`to_dask` gives the same image as a dask array.
+    """
+
+    shape: tuple[int, ...]
+    chunks: tuple[tuple[int, ...], ...]
+    dtype: np.dtype
+    backend: str
+    meta: Any
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numblocks(self) -> tuple[int, ...]:
+        return tuple(len(c) for c in self.chunks)
+
+    def block_function(self, idx: Sequence[int]) -> Callable[[], Any]:
+        """A picklable callable without arguments that computes block ``idx``."""
+        raise NotImplementedError
+
+    def to_dask(self) -> da.Array:
+        raise NotImplementedError
+
+    def token(self) -> str:
+        """A name part that identifies the image (for dask keys)."""
+        raise NotImplementedError
+
+
+class FusedBlocks(BlockGrid):
+    """The fusion of one mosaic, block by block (see :func:`fuse_blocks`)."""
+
+    def __init__(self, plan: FusionPlan, mosaic: Mosaic, params: FusionParams, backend: str,
+                 algorithm: str, meta: Any) -> None:
+        self.plan, self.mosaic, self.params = plan, mosaic, params
+        self.backend, self.algorithm, self.meta = backend, algorithm, meta
+        self.shape = tuple(int(sum(c)) for c in plan.chunks)
+        self.chunks = tuple(tuple(int(n) for n in c) for c in plan.chunks)
+        self.dtype = np.dtype(params.out_dtype)
+        self._token: str | None = None
+        self._bounds: list[np.ndarray] | None = None
+
+    def token(self) -> str:
+        if self._token is None:
+            from dask.base import tokenize
+
+            self._token = tokenize(_plan_token(self.plan, self.mosaic), self.params,
+                                   self.backend, self.algorithm)
+        return self._token
+
+    def block_function(self, idx: Sequence[int]) -> Callable[[], Any]:
+        idx = tuple(int(i) for i in idx)
+        table = self._table(idx)
+        task = ChunkTask(table, tuple(self.mosaic.tiles[int(i)].source for i in table.tiles))
+        return partial(_fuse_one, task, self.params, self.backend, self.algorithm)
+
+    def _table(self, idx: tuple[int, ...]) -> ChunkTable:
+        """``plan.chunk(idx)``, with the chunk bounds computed once per grid, not per block
+        (10,000 blocks: 0.2 s instead of 0.6 s)."""
+        plan = self.plan
+        if self._bounds is None:
+            self._bounds = chunk_bounds(plan.chunks)
+        i = plan.block_id(idx)
+        s = slice(int(plan.ptr[i]), int(plan.ptr[i + 1]))
+        start = np.array([b[k] for b, k in zip(self._bounds, idx, strict=True)], dtype=np.int64)
+        shape = tuple(int(c[k]) for c, k in zip(plan.chunks, idx, strict=True))
+        return ChunkTable(start, shape, plan.tiles[s], plan.win_lo[s], plan.win_shape[s],
+                          plan.matrix[s], plan.offset[s], plan.tile_shape[s],
+                          plan.translation[s])
+
+    def to_dask(self) -> da.Array:
+        tasks = chunk_task_array(self.plan, self.mosaic)
+        return da.map_blocks(
+            _fuse_block, tasks, chunks=self.plan.chunks, dtype=self.dtype, meta=self.meta,
+            name=f"gpufusion-fuse-{tasks.name.rsplit('-', 1)[-1]}",
+            params=self.params, backend=self.backend, algorithm=self.algorithm,
+        )
+
+
+class StackedBlocks(BlockGrid):
+    """Grids of one shape stacked along new leading axes (channels, time points).
+
+    ``parts`` is a nested list (one level per leading axis) of grids with equal shape,
+    chunks, dtype and backend; every leading axis has blocks of 1, like ``da.stack``.
+    """
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        cells = np.empty(_nested_shape(parts), dtype=object)
+        for idx in np.ndindex(*cells.shape):
+            item: Any = parts
+            for i in idx:
+                item = item[i]
+            cells[idx] = item
+        first: BlockGrid = cells.reshape(-1)[0]
+        for grid in cells.reshape(-1):
+            if (grid.shape, grid.chunks, grid.dtype, grid.backend) != (
+                    first.shape, first.chunks, first.dtype, first.backend):
+                raise InputError("channels: every channel and time point must give blocks of "
+                                 "the same shape, dtype and backend")
+        self.cells, self.lead = cells, cells.ndim
+        self.shape = (*cells.shape, *first.shape)
+        self.chunks = (*((1,) * n for n in cells.shape), *first.chunks)
+        self.dtype, self.backend = first.dtype, first.backend
+        self.meta = first.meta[(None,) * self.lead] if first.meta is not None else None
+
+    def token(self) -> str:
+        from dask.base import tokenize
+
+        return tokenize([g.token() for g in self.cells.reshape(-1)], self.cells.shape)
+
+    def block_function(self, idx: Sequence[int]) -> Callable[[], Any]:
+        idx = tuple(int(i) for i in idx)
+        inner = self.cells[idx[: self.lead]].block_function(idx[self.lead :])
+        return partial(_lead_axes, inner, self.lead)
+
+    def to_dask(self) -> da.Array:
+        def stack(cells: np.ndarray) -> da.Array:
+            if cells.ndim == 1:
+                return da.stack([g.to_dask() for g in cells])
+            return da.stack([stack(c) for c in cells])
+
+        return stack(self.cells)
+
+
+def _nested_shape(parts: Any) -> tuple[int, ...]:
+    if isinstance(parts, BlockGrid):
+        return ()
+    return (len(parts), *_nested_shape(parts[0]))
+
+
+def _lead_axes(inner: Callable[[], Any], n: int) -> Any:
+    return inner()[(None,) * n]
+
+
+def _fuse_one(task: ChunkTask, params: FusionParams, backend: str, algorithm: str) -> Any:
+    """Fuse one block (the body of a block task)."""
+    return backends.get_backend(backend).fuse_task(task, params, algorithm=algorithm)
 
 
 def _backend_and_meta(backend: str, on_workers: bool, ndim: int,

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 
 from .backends import resolve_backend
 from .errors import InputError
-from .fuse import DEFAULT_CHUNK, fuse
+from .fuse import DEFAULT_CHUNK, StackedBlocks, fuse_blocks
 from .layout import Mosaic
 from .writers.ome_tiff import write_ome_tiff
 from .writers.ome_zarr import write_ome_zarr
@@ -112,6 +111,8 @@ def fuse_to_file(
     channel_names: Sequence[str] | None = None,
     name: str | None = None,
     provenance: dict[str, Any] | None = None,
+    shard: int | str | None = "auto",
+    resume: bool = False,
 ) -> FuseResult:
     """Fuse ``mosaic`` and write it to ``out`` as OME-Zarr or pyramidal OME-TIFF.
 
@@ -164,6 +165,19 @@ def fuse_to_file(
         ``gpufusion``): gpufusion's version, the call's parameters, tile, channel and time
         point counts, the folder the tiles come from, and these entries (the command line
         writes ``command``, ``input`` and ``registration`` here).
+    shard : int, "auto", 0 or None
+        OME-Zarr with NGFF 0.5 only: Zarr v3 shards of ``shard`` pixels per spatial axis (a
+        multiple of ``chunks``), each one fusion block written whole by one task. ``"auto"``
+        (default): shards of ``2 * chunks`` when the output would otherwise have more than
+        :data:`SHARD_AUTO_CHUNKS` chunks and is NGFF 0.5, none otherwise; 0 or None: none.
+        A size with NGFF 0.4 is an :class:`InputError`.
+    resume : bool
+        OME-Zarr only: write resumably and continue what an earlier ``resume`` run of the
+        same ``out`` left (killed, failed or interrupted: its temporary folder is kept).
+        Only the blocks not yet written are fused; the result is byte for byte that of an
+        uninterrupted run. Refused (:class:`InputError` naming what changed) when the tile
+        files (paths, sizes, modification times), the positions or the options differ
+        (tiles held in memory are compared by name, shape and position only).
 
     The pixel size and unit are the mosaic's (:attr:`Mosaic.pixel_size
     <gpufusion.layout.Mosaic>`); when it has none, none is written: no ``PhysicalSize`` in
@@ -182,7 +196,9 @@ def fuse_to_file(
     (124, 124)
     """
     check_not_input(out, mosaic_inputs(mosaic))
-    for message in recover_interrupted(out, overwrite):
+    if resume and is_tiff_path(out):
+        raise InputError(f"{out}: resume applies to OME-Zarr outputs, not OME-TIFF")
+    for message in recover_interrupted(out, overwrite, resume=resume):
         warnings.warn(message, OutputRecoveryWarning, stacklevel=2)
     out = check_output_path(out, overwrite)
     compressor = check_compression(out, compressor, option="compressor")
@@ -198,28 +214,34 @@ def fuse_to_file(
     else:
         name, _ = resolve_backend(backend)
     t0 = time.perf_counter()
-    fused = [[fuse(m, chunks=chunks, blend=blend, blend_width=blend_width,
-                   interpolation=interpolation, dtype=dtype, backend=name,
-                   on_workers=on_workers, allow_sparse=allow_sparse) for m in channels]
+    tiff = is_tiff_path(out)
+    if tiff and shard not in (None, 0, "auto"):
+        raise InputError(f"shard {shard}: applies to OME-Zarr outputs (NGFF 0.5), not "
+                         f"OME-TIFF {out.name}")
+    shard = None if tiff else _resolve_shard(shard, ngff_version, chunks, first, lead)
+    block = shard or chunks  # the fusion block: one task fuses and writes it
+    fused = [[fuse_blocks(m, chunks=block, blend=blend, blend_width=blend_width,
+                          interpolation=interpolation, dtype=dtype, backend=name,
+                          on_workers=on_workers, allow_sparse=allow_sparse) for m in channels]
              for channels in grid]
     # one zarr chunk per time point and channel; no stacking layers for a single mosaic
     if not lead:
-        image = fused[0][0]
+        image: Any = fused[0][0]
     elif lead == ("c",):
-        image = da.stack(fused[0])
+        image = StackedBlocks(fused[0])
     else:
-        image = da.stack([da.stack(channels) for channels in fused])
+        image = StackedBlocks(fused)
     axes = (*lead, *SPATIAL_AXES[first.ndim])
     out_chunks = (*(1,) * len(lead), *(chunks,) * first.ndim)
     # an unknown pixel size stays unknown: no physical size, unit or position is written
     known = first.pixel_size is not None
     pixel = first.pixel_size or (1.0,) * first.ndim
     origin = tuple(float(o) * p for o, p in zip(first.origin, pixel, strict=True))
-    tiff = is_tiff_path(out)
     record = _provenance(grid, lead, provenance, {
         "chunks": chunks, "blend": blend, "blend_width": blend_width,
         "interpolation": interpolation, "dtype": None if dtype is None else str(dtype),
         "backend": name, "allow_sparse": allow_sparse,
+        **({} if shard is None else {"shard": shard}),
         "compression": compressor, **({} if tiff else {"ngff_version": ngff_version})})
     common = {"axes": axes, "pixel_size": pixel if known else None,
               "unit": first.unit if known else None, "overwrite": overwrite,
@@ -227,6 +249,7 @@ def fuse_to_file(
               "channel_names": channel_names, "attributes": {"gpufusion": record}}
     try:
         if tiff:
+            image = image.to_dask()
             if name == "cupy":  # the TIFF writer stores host arrays: one copy per chunk
                 from .backends.cupy_backend import to_host
 
@@ -237,7 +260,8 @@ def fuse_to_file(
         else:
             write_ome_zarr(image, out, ngff_version=ngff_version, chunks=out_chunks,
                            origin=origin,
-                           compressor=compressor,
+                           compressor=compressor, shard=shard,
+                           resume=_resume_fingerprint(grid, record) if resume else None,
                            anisotropic_pyramid=first.pixel_size is not None,
                            **_zarr_pyramid_options(name), **common)
     except OSError as exc:  # the writers have removed their temporary output by now
@@ -248,6 +272,65 @@ def fuse_to_file(
     seconds = time.perf_counter() - t0
     return FuseResult(out, tuple(image.shape), np.dtype(image.dtype), len(first), name,
                       seconds)
+
+
+#: ``shard="auto"`` shards an NGFF 0.5 output with more chunks than this.
+SHARD_AUTO_CHUNKS = 10_000
+
+#: ``shard="auto"``: shards of this many chunks per spatial axis.
+SHARD_AUTO_FACTOR = 2
+
+
+def _resolve_shard(shard: int | str | None, ngff_version: str, chunks: int, first: Mosaic,
+                   lead: tuple[str, ...]) -> int | None:
+    """The shard size for ``shard`` (see :func:`fuse_to_file`), or None for no sharding."""
+    if shard is None or (isinstance(shard, str) and shard == "auto"):
+        if shard is None or ngff_version != "0.5":
+            return None
+        from .writers.ome_zarr import chunk_count
+
+        count = chunk_count((*(1,) * len(lead), *first.shape),
+                            (*(1,) * len(lead), *(chunks,) * first.ndim),
+                            (*lead, *SPATIAL_AXES[first.ndim]))
+        return chunks * SHARD_AUTO_FACTOR if count > SHARD_AUTO_CHUNKS else None
+    if isinstance(shard, bool) or not isinstance(shard, int | np.integer) or shard < 0:
+        raise InputError(f"shard: need a size in pixels (a multiple of the chunk size "
+                         f"{chunks}), 0 for none, or 'auto'; got {shard!r}")
+    if shard == 0:
+        return None
+    if ngff_version != "0.5":
+        raise InputError(f"shard {shard}: sharding needs NGFF 0.5 (Zarr v3); the output is "
+                         f"NGFF {ngff_version} (use --ngff 0.5)")
+    if shard % chunks:
+        raise InputError(f"shard {shard}: must be a multiple of the chunk size {chunks}")
+    return int(shard)
+
+
+def _resume_fingerprint(grid: list[list[Mosaic]], record: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the files the tiles are
+    read from (size, modification time), every tile's position (its affine), the output
+    grid, and the options (the provenance ``parameters``)."""
+    import os
+
+    inputs: dict[str, list[int]] = {}
+    positions: dict[str, Any] = {}
+    for t, channels in enumerate(grid):
+        for c, m in enumerate(channels):
+            for path in paths_read(tile.source for tile in m.tiles):
+                try:
+                    st = os.stat(path)
+                    inputs[str(path)] = [st.st_size, st.st_mtime_ns]
+                except OSError:
+                    inputs[str(path)] = [-1, -1]
+            prefix = f"t{t}c{c}/" if len(grid) > 1 or len(channels) > 1 else ""
+            positions[f"{prefix}grid"] = [[float(o) for o in m.origin], list(m.shape)]
+            for k, tile in enumerate(m.tiles):
+                key = f"{prefix}{tile.name}"
+                key = key if key not in positions else f"{key}#{k}"
+                positions[key] = {"affine": np.asarray(tile.affine, float).tolist(),
+                                  "shape": list(tile.shape)}
+    return {"inputs": inputs, "positions": positions,
+            "options": dict(record["parameters"])}
 
 
 def _check_channel_names(names: Sequence[str] | None, n: int) -> list[str] | None:

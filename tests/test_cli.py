@@ -190,7 +190,7 @@ def test_fuse_on_a_running_dask_cluster(tile_dir: Path, capsys) -> None:
     distributed = pytest.importorskip("distributed")
     out = tile_dir / "out.ome.zarr"
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster:
+                                  dashboard_address=":0") as cluster:
         code, _, err = run_cli(["fuse", tile_dir / "pos.csv", "-o", out, "--chunk", "40",
                                 "--backend", "numpy", "--scheduler", cluster.scheduler_address],
                                capsys)

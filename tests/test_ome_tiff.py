@@ -252,7 +252,7 @@ def test_distributed_client_scheduler(tmp_path, capsys):
     data = random_image((2, 300, 200), "uint16", seed=8)
     with (
         distributed.LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

@@ -63,6 +63,24 @@ def reference_pyramid(a: np.ndarray, plan: list[tuple[int, ...]]) -> list[np.nda
 
 
 
+def expected_level_chunks(shape, chunk_shape, plan) -> list[tuple[int, ...]]:
+    """Stored chunks per level: level ``k`` has chunks of ``chunk / 2**k`` (one level-0
+    block's share, written whole by one task) while on every axis of several chunks the
+    halves stay even and >= 64; then chunks of ``chunk``; always clipped to the level."""
+    several = [n > c for n, c in zip(shape, chunk_shape, strict=True)]
+    block, inline, out, level = tuple(chunk_shape), True, [], tuple(shape)
+    for k in range(len(plan) + 1):
+        if k:
+            f = plan[k - 1]
+            level = tuple(-(-n // g) for n, g in zip(level, f, strict=True))
+            inline = inline and all(g == 1 or not m or (b % 2 == 0 and b // 2 >= 64)
+                                    for g, m, b in zip(f, several, block, strict=True))
+            block = tuple(-(-b // g) for b, g in zip(block, f, strict=True))
+        unit = block if inline else chunk_shape
+        out.append(tuple(min(u, n) for u, n in zip(unit, level, strict=True)))
+    return out
+
+
 def tolerance(dtype: np.dtype) -> dict[str, float]:
     """Integers: exact (means of 2**d integers are exact in float32); floats: ~1e-6."""
     if np.issubdtype(dtype, np.integer):
@@ -301,9 +319,7 @@ def test_write_validates_and_reads_back(tmp_path, case, version):
             translation.translation, np.add(org, 0.5 * (total - 1) * np.asarray(px))
         )
         array = group[dataset.path]
-        assert array.chunks == tuple(
-            min(c, n) for c, n in zip(chunk_shape, array.shape, strict=True)
-        )
+        assert array.chunks == expected_level_chunks(shape, chunk_shape, plan)[k]
 
     # Axes, units and the on-disk flavour.
     axes_meta = model.attributes.multiscales[0].axes if version == "0.4" else None
@@ -371,7 +387,8 @@ def test_numpy_input_default_chunks_and_sync_scheduler(tmp_path):
     data = random_image((600, 40), "uint8", seed=1)
     out = write_ome_zarr(data, tmp_path / "n.zarr", axes=["y", "x"], scheduler="sync")
     info = read_ome_zarr_info(out)
-    assert [lv["chunks"] for lv in info["levels"]] == [(512, 40), (300, 20)]
+    # level 1: chunks of half a level-0 chunk (one task's share of it), see the layout
+    assert [lv["chunks"] for lv in info["levels"]] == [(512, 40), (256, 20)]
     np.testing.assert_array_equal(read_levels(out)[1], reference_mean2(data, (2, 2)))
 
 
@@ -386,7 +403,7 @@ def test_distributed_client_scheduler(tmp_path, capsys):
     data = random_image((300, 200), "uint16", seed=2)
     with (
         distributed.LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
@@ -560,7 +577,7 @@ def test_info_describes_a_written_image(tmp_path, version):
     assert info["downsampling"] == "mean"
     assert [a["name"] for a in info["axes"]] == ["z", "y", "x"]
     assert [lv["shape"] for lv in info["levels"]] == [(5, 300, 201), (3, 150, 101), (2, 75, 51)]
-    assert [lv["chunks"] for lv in info["levels"]] == [(5, 128, 128), (3, 128, 101), (2, 75, 51)]
+    assert [lv["chunks"] for lv in info["levels"]] == [(5, 128, 128), (3, 64, 64), (2, 75, 51)]
     assert {lv["dtype"] for lv in info["levels"]} == {"uint16"}
     assert info["levels"][2]["scale"] == [8.0, 2.0, 2.0]
     assert info["levels"][2]["translation"] == [3.0, 0.75, 0.75]

@@ -143,6 +143,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "otherwise: usually a mistyped position)")
     p.add_argument("--register", action="store_true",
                    help="correct the positions by registration before fusing")
+    p.add_argument("--shard", type=int, default=None, metavar="N",
+                   help="OME-Zarr with --ngff 0.5: Zarr v3 shards of N pixels per spatial "
+                        "axis (a multiple of --chunk), each written whole by one task; "
+                        "default: 2 x --chunk when the output would have more than 10,000 "
+                        "chunks, else none; 0: none")
+    p.add_argument("--resume", action="store_true",
+                   help="OME-Zarr: write resumably, and continue what an earlier --resume "
+                        "run that was stopped or failed left (only the blocks not yet "
+                        "written are fused); refused if the tiles, positions or options "
+                        "changed")
     add_registration_options(p)
     p.set_defaults(run=run)
 
@@ -197,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
             kwargs["progress"] = False  # the dashboard shows progress on a cluster
             kwargs["scheduler"] = client
         result = fuse_to_file(mosaic, out, overwrite=args.overwrite,
-                              allow_sparse=args.allow_sparse,
+                              allow_sparse=args.allow_sparse, resume=args.resume,
+                              shard="auto" if args.shard is None else args.shard,
                               channel_names=tiles.channel_names, name=image_name(args),
                               provenance=provenance(args, registered), **kwargs)
     write_fuse_reports(args, reports, registered)  # only once the image is complete
@@ -221,9 +232,16 @@ def prepare_output(args: argparse.Namespace) -> Path:
     out = Path(args.output)
     check_not_input(out, [Path(args.input)])
     args.compression = check_compression(out, args.compression)  # and the output's name
-    for message in recover_interrupted(out, args.overwrite):
+    resume = getattr(args, "resume", False)
+    for message in recover_interrupted(out, args.overwrite, resume=resume):
         notice(args, message)
-    found = None if args.overwrite else leftovers_notice(out)
+    found = None if args.overwrite or resume else leftovers_notice(out)
+    if resume:
+        from ..writers.ome_zarr import resumable_outputs
+
+        earlier = resumable_outputs(out)
+        if earlier:
+            notice(args, f"{out}: resuming {earlier[0].name}, left by an earlier --resume run")
     if found:
         notice(args, found)
     return check_output_path(out, args.overwrite)

@@ -14,27 +14,35 @@ the block of level-0 pixels it averages.
 
 How a write runs
 ----------------
-Level 0 is computed once from the (lazy, expensive) fusion graph and stored chunk by
-chunk, so the fusion is never recomputed and no level is ever held in memory whole.
-``pyramid="readback"``: level ``k + 1`` is computed from level ``k`` read back from the store.
-``pyramid="inline"``: levels 1, 2, ... are downsampled block by block from each level-0 block
-while it is in memory (on the GPU for CuPy blocks; :func:`gpufusion.pyramid.blockwise_levels`)
-and stored with level 0 in one ``dask.array.store``; blocks cross to the host (``to_host``)
-only to be stored, merged there into the same Zarr chunks as read-back writes (identical
-stores). This goes on while halved blocks stay >= :data:`INLINE_MIN_CHUNK` and block-wise
-equals whole-array downsampling; the small levels left are done by read-back.
+Level 0 is computed once from the (lazy, expensive) fusion and stored block by block, so
+the fusion is never recomputed and no level is ever held in memory whole.
+
+``pyramid="inline"``: ONE dask task per level-0 block (:func:`block_task_graph`): it gets
+its block (for a :class:`gpufusion.fuse.BlockGrid` such as the pipeline's fusion, by
+calling the block's fusion itself, so the fusion adds no task), downsamples it for levels
+1, 2, ... (on the GPU for CuPy blocks), copies each level to the host (``to_host``) and
+writes it into the Zarr arrays, all inside :func:`gpufusion.backends.task_scope` (for CuPy:
+one CUDA stream for the whole task). Level ``k``'s chunks (or shards) are the block's
+share, ``block / 2**k`` (:func:`_pyramid_layout`), so every chunk is written whole by one
+task: no two tasks touch one chunk. This goes on while halved blocks stay >=
+:data:`INLINE_MIN_CHUNK` and block-wise equals whole-array downsampling; the small levels
+left (chunks of ``chunks``) are computed from the last inline level, read back.
+``pyramid="readback"``: level 0 stored from the dask array, level ``k + 1`` from level ``k``
+read back; the same layout, so both modes write identical stores.
 
 Everything is written to a hidden sibling directory ``.NAME.tmp-XXXX`` that is renamed to the
-output only when complete; on any error or interrupt it is removed and an existing output is
-left untouched.
+output only when complete; on any error or interrupt it is removed (kept, to be continued,
+when the write is resumable: ``resume``) and an existing output is left untouched.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,11 +60,13 @@ import zarr.codecs
 from dask.base import get_scheduler
 from dask.system import CPU_COUNT
 
+from gpufusion.backends import task_scope
 from gpufusion.errors import InputError
+from gpufusion.fuse import BlockGrid
 from gpufusion.progress import dask_progress
 from gpufusion.pyramid import (
     SPATIAL_AXES,
-    blockwise_levels,
+    blockwise_level_chunks,
     downsample_mean2,
     downsampled_shape,
     pyramid_factors,
@@ -64,6 +74,7 @@ from gpufusion.pyramid import (
 )
 from gpufusion.units import NGFF_SPACE_UNITS, ngff_unit
 from gpufusion.units import UNIT_ALIASES as _UNIT_ALIASES
+from gpufusion.writers.target import RESUME_FILE as _RESUME_FILE
 
 #: NGFF versions :func:`write_ome_zarr` can write, with the Zarr format each uses.
 NGFF_VERSIONS = {"0.4": 2, "0.5": 3}
@@ -190,6 +201,44 @@ def _chunk_shape(
             f"chunks {chunks!r}: need a positive int or one positive int per axis {list(axes)}"
         )
     return _level_chunks(wanted, image.shape)
+
+
+def _shard_shape(
+    shard: int | Sequence[int] | None,
+    chunk_shape: tuple[int, ...],
+    shape: Sequence[int],
+    axes: tuple[str, ...],
+    ngff_version: str,
+) -> tuple[int, ...] | None:
+    """The level-0 shard shape (the task block), or None for no sharding.
+
+    An int applies to spatial axes (shards of one chunk on ``c`` and ``t``). On an axis the
+    image spans in one shard, the shard is the fewest chunks covering it; elsewhere it must
+    be a multiple of the chunk.
+    """
+    if shard is None:
+        return None
+    if NGFF_VERSIONS[ngff_version] != 3:
+        raise InputError(f"shard {shard!r}: sharding needs NGFF 0.5 (Zarr v3); "
+                         f"ngff_version is {ngff_version}")
+    if isinstance(shard, int | np.integer):
+        wanted = tuple(int(shard) if a in SPATIAL_AXES else c
+                       for a, c in zip(axes, chunk_shape, strict=True))
+    else:
+        wanted = tuple(int(s) for s in shard)
+    if len(wanted) != len(axes) or min(wanted) < 1:
+        raise InputError(f"shard {shard!r}: need a positive int or one positive int per "
+                         f"axis {list(axes)}")
+    out = []
+    for s, c, n, a in zip(wanted, chunk_shape, shape, axes, strict=True):
+        if s >= n:
+            out.append(c * -(-int(n) // c))
+        elif s % c:
+            raise InputError(f"shard {shard!r}: the shard size on axis {a} ({s}) must be a "
+                             f"multiple of the chunk size ({c})")
+        else:
+            out.append(s)
+    return tuple(out)
 
 
 def _check_image(image: Any) -> None:
@@ -474,14 +523,116 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 @contextmanager
 def _atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a hidden sibling folder of ``out``, renamed to ``out`` on success."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling_dir(out, "tmp")
-    try:
+    with _output_directory(out, overwrite, resume=False) as (tmp, _):
         yield tmp
+
+
+#: In a resumable temporary output: the fingerprint of the run (JSON), written first.
+RESUME_FILE = _RESUME_FILE
+#: In a resumable temporary output: one empty file per block written, named ``i.j.k``.
+RESUME_DONE = ".gpufusion-done"
+
+
+def resumable_outputs(out: str | os.PathLike[str]) -> list[Path]:
+    """The temporary folders of ``out`` a resumable run left (newest first).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> (d / ".a.zarr.tmp-0123abcd").mkdir()
+    >>> resumable_outputs(d / "a.zarr")
+    []
+    >>> _ = (d / ".a.zarr.tmp-0123abcd" / RESUME_FILE).write_text("{}")
+    >>> [p.name for p in resumable_outputs(d / "a.zarr")]
+    ['.a.zarr.tmp-0123abcd']
+    """
+    from gpufusion.writers.target import leftovers
+
+    out = Path(out)
+    found = [p for p in leftovers(out) if p.name.startswith(f".{out.name}.tmp-")
+             and (p / RESUME_FILE).is_file()]
+    return sorted(found, key=lambda p: (p / RESUME_FILE).stat().st_mtime_ns, reverse=True)
+
+
+@contextmanager
+def _output_directory(out: Path, overwrite: bool, resume: bool) -> Iterator[tuple[Path, bool]]:
+    """Yield ``(tmp, resumed)``: a hidden sibling folder of ``out``, renamed to ``out`` on
+    success.
+
+    Without ``resume`` a new folder, removed on any error or interrupt. With ``resume`` the
+    newest folder an earlier resumable run left (``resumed`` True) or a new one, kept on an
+    error or interrupt so that the next resumed run can finish it.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    earlier = resumable_outputs(out) if resume else []
+    tmp = earlier[0] if earlier else None
+    if tmp is not None:
+        _remove_partial_writes(tmp)
+    try:
+        # named before it is made, so that an interrupt right after the mkdir (a SIGTERM
+        # sent as soon as the folder appears) still finds it to remove
+        while tmp is None:
+            tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+            try:
+                tmp.mkdir()
+            except FileExistsError:
+                tmp = None
+        yield tmp, bool(earlier)
+        if resume:
+            _remove(tmp / RESUME_DONE)
+            _remove(tmp / RESUME_FILE)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
-        _remove(tmp)
+        if not resume and tmp is not None:
+            _remove(tmp)
         raise
+
+
+#: A write zarr's LocalStore had begun when the process was killed: it writes each file to
+#: ``NAME.<32 hex digits>.partial`` first and renames it into place (zarr 3.x,
+#: ``zarr.storage._local._atomic_write``).
+_PARTIAL_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def _remove_partial_writes(tmp: Path) -> None:
+    """Remove the half-written files a killed run left in ``tmp`` (their blocks were not
+    recorded as done, so they are written again)."""
+    for path in tmp.rglob("*.partial"):
+        if _PARTIAL_WRITE.search(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def _check_fingerprint(tmp: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume ``tmp`` when it was started with other inputs or options."""
+    import json
+
+    try:
+        earlier = json.loads((tmp / RESUME_FILE).read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        raise InputError(f"--resume: {tmp / RESUME_FILE} is unreadable; remove {tmp} (or "
+                         "run without --resume)")
+    fingerprint = json.loads(json.dumps(fingerprint))  # as stored: lists, not tuples
+    if earlier == fingerprint:
+        return
+    changed = []
+    for section in sorted(set(earlier) | set(fingerprint)):
+        old, new = earlier.get(section), fingerprint.get(section)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            shown = [f"{k}: {old.get(k, 'absent')!r} -> {new.get(k, 'absent')!r}"
+                     for k in keys[:3]]
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            changed.append(f"{section} ({'; '.join(shown)}{more})")
+        else:
+            changed.append(section)
+    raise InputError(f"--resume: {tmp.name} was started with different "
+                     f"{', '.join(changed)}; run without --resume to start again "
+                     "(--overwrite removes it)")
 
 
 # ------------------------------------------------------------------------------- compute
@@ -495,7 +646,8 @@ def _scheduler_for(scheduler: Any, image: da.Array) -> Iterator[tuple[Any, bool]
     (waiting for running tasks) on exit, so that after a failed block no straggling task
     can write into the temporary folder once it has been removed.
     """
-    get = get_scheduler(scheduler=scheduler, collections=[image])
+    collections = [image] if isinstance(image, da.Array) else None
+    get = get_scheduler(scheduler=scheduler, collections=collections) or dask.threaded.get
     if get is not dask.threaded.get:
         yield scheduler, getattr(get, "__self__", None) is None  # a Client's .get is bound
         return
@@ -521,30 +673,96 @@ def _store_levels(
     scheduler: Any,
     progress: bool,
     label: str | None = None,
+    layouts: Sequence[_Level] | None = None,
 ) -> list[zarr.Array]:
     """Store ``sources`` as arrays ``first``, ``first + 1``, ... of ``group`` in one pass.
 
-    With ``progress``, one line counts the tasks of the pass, labelled ``label`` (default:
-    ``fusing, writing levels 0-2`` for a pass from level 0, else ``writing level 3``).
+    Each is stored with chunks of ``chunks`` clipped to it, or as ``layouts`` (one per
+    source) says. With ``progress``, one line counts the tasks of the pass, labelled
+    ``label`` (default: ``fusing, writing levels 0-2`` for a pass from level 0, else
+    ``writing level 3``).
     """
     targets, regrouped = [], []
-    for level, source in enumerate(sources, start=first):
-        level_chunks = _level_chunks(chunks, source.shape)
-        if source.chunks != da.core.normalize_chunks(level_chunks, source.shape):
-            source = source.rechunk(level_chunks)
+    for k, source in enumerate(sources):
+        layout = layouts[k] if layouts else _Level(_level_chunks(chunks, source.shape))
+        unit = layout.shards or layout.chunks  # one task per shard: no two write one shard
+        if source.chunks != da.core.normalize_chunks(unit, source.shape):
+            source = source.rechunk(unit)
         regrouped.append(source)
-        # write_empty_chunks: skipping empty chunks costs a comparison per chunk
-        settings = {"fill_value": 0, "config": {"write_empty_chunks": True}, **codec}
-        shape, dtype = source.shape, source.dtype
-        targets.append(group.create_array(str(level), shape=shape, chunks=level_chunks,
-                                          dtype=dtype, **settings))
-    if label is None:
-        last = first + len(sources) - 1
-        levels = f"level {first}" if last == first else f"levels {first}-{last}"
-        label = f"fusing, writing {levels}" if first == 0 else f"writing {levels}"
-    with dask_progress(label, progress):  # on stderr: stdout stays for results
+        targets.append(_create_level(group, first + k, source.shape, source.dtype, layout,
+                                     codec))
+    with dask_progress(label or _pass_label(first, len(sources)), progress):  # on stderr
         da.store(regrouped, targets, lock=False, scheduler=scheduler)
     return targets
+
+
+def _create_level(group: zarr.Group, level: int, shape: Sequence[int], dtype: Any,
+                  layout: _Level, codec: dict[str, Any]) -> zarr.Array:
+    """Create the (empty) array of ``level`` in ``group``."""
+    # write_empty_chunks: skipping empty chunks costs a comparison per chunk
+    settings = {"fill_value": 0, "config": {"write_empty_chunks": True}, **codec}
+    if layout.shards is not None:
+        settings["shards"] = layout.shards
+    # overwrite: a resumed run computes the read-back levels again
+    return _complete(group.create_array, str(level), shape=tuple(shape),
+                     chunks=layout.chunks, dtype=dtype, overwrite=True, **settings)
+
+
+def _complete(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` run to its end even when this thread is interrupted.
+
+    zarr-python runs its I/O on an event-loop thread of its own; an interrupt (Ctrl-C,
+    SIGTERM) raised in the thread waiting for it would leave the write going on, and a
+    metadata file written after the temporary output was removed would recreate it. So
+    metadata writes from this thread run in a helper thread, awaited to the end; the
+    interrupt is raised once it is done.
+    """
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the caller
+            error.append(exc)
+
+    worker = threading.Thread(target=run, name="gpufusion-metadata")
+    worker.start()
+    try:
+        worker.join()
+    except BaseException:
+        worker.join()  # the write finishes before the interrupt unwinds (and cleans up)
+        raise
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _write_json(path: Path, value: Any) -> None:
+    import json
+
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(part, path)
+
+
+def _writer_fingerprint(image: Any, chunk_shape: tuple[int, ...],
+                        shard: tuple[int, ...] | None, compressor: str, ngff_version: str,
+                        geometry: _Geometry, plan: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """What the stored bytes depend on besides the inputs and the fusion options."""
+    return {"shape": list(image.shape), "dtype": str(np.dtype(image.dtype)),
+            "chunks": list(chunk_shape), "shard": None if shard is None else list(shard),
+            "compressor": compressor, "ngff_version": ngff_version,
+            "axes": list(geometry.axes), "pixel_size": list(geometry.pixel_size),
+            "origin": list(geometry.origin), "unit": geometry.unit,
+            "pyramid": [list(f) for f in plan]}
+
+
+def _pass_label(first: int, count: int) -> str:
+    """``fusing, writing levels 0-2`` for a pass from level 0, else ``writing level 3``."""
+    last = first + count - 1
+    levels = f"level {first}" if last == first else f"levels {first}-{last}"
+    return f"fusing, writing {levels}" if first == 0 else f"writing {levels}"
 
 
 def _store_level(
@@ -560,6 +778,199 @@ def _store_level(
     """Store ``source`` as array ``path`` (a level number) of ``group``, one task per chunk."""
     return _store_levels([source], group, int(path), chunks, codec, scheduler, progress,
                          label)[0]
+
+
+# ------------------------------------------------------------------ pyramid chunk layout
+
+
+@dataclass(frozen=True)
+class _Level:
+    """How one level is stored: its Zarr chunk shape and, sharded, its shard shape."""
+
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None = None
+
+
+def _inline_blocks(block: tuple[int, ...], shape: Sequence[int],
+                   plan: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Nominal block size of levels 0, 1, ... while blocks of ``block`` downsample on their own.
+
+    A level is added while :func:`gpufusion.pyramid.blockwise_level_chunks` accepts it
+    (every block but the last even on a halved axis, halves >= :data:`INLINE_MIN_CHUNK`).
+    """
+    chunks = da.core.normalize_chunks(block, tuple(shape))
+    sizes = [tuple(block)]
+    for factors in plan:
+        chunks = blockwise_level_chunks(chunks, factors, INLINE_MIN_CHUNK)
+        if chunks is None:
+            break
+        sizes.append(tuple(-(-b // int(f)) for b, f in zip(sizes[-1], factors, strict=True)))
+    return sizes
+
+
+def _pyramid_layout(
+    shape: Sequence[int],
+    chunk_shape: tuple[int, ...],
+    plan: Sequence[Sequence[int]],
+    shard: tuple[int, ...] | None,
+) -> tuple[list[_Level], tuple[int, ...]]:
+    """The stored chunk (and shard) shape of every level, and the task block of level 0.
+
+    Every task of the block pass writes one level-0 block (``shard``, else ``chunk_shape``)
+    and what it contributes to the levels below; level ``k``'s chunks (unsharded) or shards
+    are that contribution's nominal size, ``block / 2**k``, so each is written whole by
+    exactly one task. The levels below those (whose halved blocks would be shorter than
+    :data:`INLINE_MIN_CHUNK` on an axis of several blocks) have chunks of ``chunk_shape``
+    (clipped to the level) and are computed by read-back. The layout depends on the options
+    only, never on how the levels are computed (``pyramid``), so both modes write the same
+    store.
+    """
+    block = shard or chunk_shape
+    inline = _inline_blocks(block, shape, plan)
+    levels: list[_Level] = []
+    level_shape = tuple(int(n) for n in shape)
+    for k in range(len(plan) + 1):
+        if k:
+            level_shape = downsampled_shape(level_shape, plan[k - 1])
+        if k >= len(inline):
+            levels.append(_Level(_level_chunks(chunk_shape, level_shape)))
+        elif shard is None:
+            levels.append(_Level(_level_chunks(inline[k], level_shape)))
+        else:  # chunks inside the shard: the chunk shape, or what divides the shard
+            inner = tuple(s if s <= c else math.gcd(s, c)
+                          for s, c in zip(inline[k], chunk_shape, strict=True))
+            levels.append(_Level(inner, inline[k]))
+    return levels, block
+
+
+def chunk_count(shape: Sequence[int], chunk_shape: Sequence[int], axes: Sequence[str],
+                shard: Sequence[int] | None = None) -> int:
+    """How many chunk (or, with ``shard``, shard) objects :func:`write_ome_zarr` stores.
+
+    Examples
+    --------
+    >>> chunk_count((1000, 731), (128, 128), "yx")  # 48 + 48 (64-px chunks) + 4 + 1
+    101
+    """
+    chunk_shape = tuple(int(c) for c in chunk_shape)
+    plan = pyramid_factors(shape, chunk_shape, tuple(axes))
+    layouts, _ = _pyramid_layout(shape, chunk_shape, plan,
+                                 None if shard is None else tuple(shard))
+    total, level_shape = 0, tuple(int(n) for n in shape)
+    for k, layout in enumerate(layouts):
+        if k:
+            level_shape = downsampled_shape(level_shape, plan[k - 1])
+        unit = layout.shards or layout.chunks
+        total += math.prod(-(-n // c) for n, c in zip(level_shape, unit, strict=True))
+    return total
+
+
+# ------------------------------------------------------------------- one task per block
+
+
+@dataclass
+class _BlockWriter:
+    """What a block task does after it has its level-0 block: every level it feeds.
+
+    ``arrays`` are levels ``0 .. n`` (``factors`` from each to the next); ``block`` the
+    nominal level-0 block size. Level ``k`` of block ``idx`` starts at ``idx * block / 2**k``
+    and is one whole chunk (or shard) of its array: no two tasks write the same one.
+    ``done`` (resume): the folder where the task records, after its data, that it is done.
+    """
+
+    arrays: list[Any]
+    factors: list[tuple[int, ...]]
+    block: tuple[int, ...]
+    backend: str
+    downsample: Callable[..., Any] | None
+    to_host: Callable[[Any], np.ndarray] | None
+    done: str | None = None
+
+    def write(self, idx: tuple[int, ...], source: Any) -> None:
+        """Compute (``source`` a callable) or take the level-0 block, write every level."""
+        with task_scope(self.backend):
+            data = source() if callable(source) else source
+            start = tuple(i * b for i, b in zip(idx, self.block, strict=True))
+            for k, array in enumerate(self.arrays):
+                if k:
+                    data = (self.downsample or downsample_mean2)(data, self.factors[k - 1])
+                    start = tuple(s // f for s, f in zip(start, self.factors[k - 1],
+                                                         strict=True))
+                host = self.to_host(data) if self.to_host is not None else data
+                array[tuple(slice(s, s + n) for s, n in zip(start, host.shape,
+                                                            strict=True))] = host
+        if self.done is not None:
+            _mark_done(Path(self.done), idx)
+
+
+def _write_block(writer: _BlockWriter, idx: tuple[int, ...], source: Any) -> None:
+    writer.write(idx, source)
+
+
+def _block_key_name(idx: Sequence[int]) -> str:
+    return ".".join(str(int(i)) for i in idx)
+
+
+def _mark_done(folder: Path, idx: Sequence[int]) -> None:
+    """Record block ``idx`` as written (after its data; an empty file, made atomically)."""
+    name = _block_key_name(idx)
+    part = folder / f".{name}.part"
+    part.write_bytes(b"")
+    os.replace(part, folder / name)
+
+
+def _done_blocks(folder: Path) -> set[tuple[int, ...]]:
+    """The blocks recorded by :func:`_mark_done` in ``folder``."""
+    if not folder.is_dir():
+        return set()
+    done = set()
+    for entry in os.scandir(folder):
+        parts = entry.name.split(".")
+        if not entry.name.startswith(".") and all(p.isdigit() for p in parts):
+            done.add(tuple(int(p) for p in parts))
+    return done
+
+
+def block_task_graph(
+    image: Any, writer: _BlockWriter, skip: set[tuple[int, ...]] | None = None
+) -> tuple[Any, list[Any]]:
+    """The graph of the block pass: one task per level-0 block, and its keys.
+
+    For a :class:`gpufusion.fuse.BlockGrid` each task computes its block itself (the fusion
+    adds no task); for a dask array each task depends on the array's block. Blocks in
+    ``skip`` (already written, on resume) get no task.
+    """
+    from dask.base import tokenize
+
+    # keys of their own per write: two writes of one image (to two outputs, on one cluster)
+    # must never be taken for one computation
+    unique = secrets.token_hex(8)
+    numblocks = tuple(len(c) for c in image.chunks)
+    if isinstance(image, BlockGrid):
+        name = f"gpufusion-write-{tokenize(image.token(), writer.block, unique)}"
+        dsk: dict[Any, Any] = {
+            (name, *idx): (_write_block, writer, idx, image.block_function(idx))
+            for idx in np.ndindex(*numblocks) if not skip or idx not in skip
+        }
+        return dsk, list(dsk)
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = f"gpufusion-write-{tokenize(image.name, writer.block, unique)}"
+    layer = {(name, *idx): (_write_block, writer, idx, (image.name, *idx))
+             for idx in np.ndindex(*numblocks) if not skip or idx not in skip}
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[image])
+    keys = list(layer)
+    return graph.cull(set(keys)) if keys else {}, keys
+
+
+def _run_graph(graph: Any, keys: list[Any], scheduler: Any, label: str,
+               progress: bool) -> None:
+    """Run ``graph`` for ``keys`` (results dropped) with ``scheduler``, one progress line."""
+    if not keys:
+        return
+    get = get_scheduler(scheduler=scheduler) or dask.threaded.get
+    with dask_progress(label, progress):
+        get(graph, keys)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -584,6 +995,9 @@ def write_ome_zarr(
     pyramid: str = "readback",
     downsample: Callable[..., Any] | None = None,
     to_host: Callable[[Any], np.ndarray] | None = None,
+    shard: int | Sequence[int] | None = None,
+    backend: str | None = None,
+    resume: dict[str, Any] | None = None,
     channel_names: Sequence[str] | None = None,
     channel_colors: Sequence[str] | None = None,
     attributes: dict[str, Any] | None = None,
@@ -592,9 +1006,11 @@ def write_ome_zarr(
 
     Parameters
     ----------
-    image : dask.array.Array
-        Level 0, usually a lazy fusion graph; each block is computed exactly once. A NumPy
-        array is accepted too (chunked by ``chunks``). Integer or float dtype.
+    image : dask.array.Array or gpufusion.fuse.BlockGrid
+        Level 0, usually a lazy fusion graph (:func:`gpufusion.fuse`), or the fusion as a
+        grid of block callables (:func:`gpufusion.fuse.fuse_blocks`); each block is
+        computed exactly once. A NumPy array is accepted too (chunked by ``chunks``).
+        Integer or float dtype.
     out : str or path-like
         Output folder, conventionally ``*.ome.zarr``. Its parent is created if needed.
     axes : sequence of str
@@ -635,10 +1051,10 @@ def write_ome_zarr(
         halved at every level.
     pyramid : {"readback", "inline"}
         ``"readback"`` (default): level ``k + 1`` from level ``k`` read back from the store.
-        ``"inline"``: the larger levels from each block of ``image`` while it is in memory,
-        stored with level 0 in one pass (see the module notes): fewer device-to-host copies
-        for CuPy blocks, ~15-20% faster on the CPU too, at a somewhat higher peak memory.
-        Both write the same store.
+        ``"inline"``: one task per block of ``image`` fuses it (``image`` a
+        :class:`gpufusion.fuse.BlockGrid`) or takes it, and writes it and every larger
+        level it feeds (see the module notes): level 0 is never read back, and the graph
+        has one task per block. Both write the same store.
     downsample : callable, optional
         ``downsample(block, factors)`` for the inline levels, run on ``image``'s blocks:
         default :func:`gpufusion.pyramid.downsample_mean2`; for CuPy blocks
@@ -647,6 +1063,24 @@ def write_ome_zarr(
     to_host : callable, optional
         Turns a block into a NumPy array right before it is stored, e.g. ``cupy.asnumpy``;
         default: blocks are stored as they are (identity).
+    shard : int or sequence of int, optional
+        NGFF 0.5 only: store the levels with Zarr v3 sharding, shards of this size (an int
+        for spatial axes; a multiple of ``chunks``) holding chunks of ``chunks``. The shard
+        is the task block: each is written whole by one task (level ``k``'s shards are
+        halved ``k`` times, down to the read-back levels, which are not sharded). Default:
+        no sharding.
+    resume : dict, optional
+        Write resumably (``pyramid="inline"`` only): ``resume`` is the fingerprint of the
+        run (JSON: its inputs and options; the writer adds its own). The temporary folder
+        records it and, after each block's data, that the block is done; on an error or
+        interrupt it is kept. A later call with ``resume`` continues the newest such folder
+        of ``out``, writing only the blocks not done, so the result is byte for byte that
+        of an uninterrupted run; a different fingerprint is an :class:`InputError` naming
+        what changed. None (default): the temporary folder is removed on failure.
+    backend : str, optional
+        The backend whose :func:`gpufusion.backends.task_scope` wraps each block task
+        (``numpy`` or ``cupy``); default ``image.backend`` for a
+        :class:`gpufusion.fuse.BlockGrid`, else ``numpy``.
     channel_names, channel_colors : sequence of str, optional
         One label and one colour (``RRGGBB``) per channel (``c`` axis; one without it),
         written to the ``omero`` block with a display window per channel estimated from the
@@ -687,11 +1121,20 @@ def write_ome_zarr(
     codec = _codec_settings(compressor, NGFF_VERSIONS[ngff_version], geometry.axes)
     if pyramid not in PYRAMID_MODES:
         raise InputError(f"pyramid {pyramid!r} is not one of {list(PYRAMID_MODES)}")
+    shard_shape = _shard_shape(shard, chunk_shape, image.shape, geometry.axes, ngff_version)
     _check_target(out, overwrite)
-    if not isinstance(image, da.Array):
-        image = da.from_array(np.asarray(image), chunks=chunk_shape)
-    elif image.chunks != da.core.normalize_chunks(chunk_shape, image.shape):
-        image = image.rechunk(chunk_shape)
+    block = shard_shape or chunk_shape
+    grid = image if isinstance(image, BlockGrid) else None
+    if grid is not None and (pyramid != "inline" or grid.chunks != da.core.normalize_chunks(
+            block, grid.shape)):
+        image = grid.to_dask()  # read-back, or other blocks: through a dask array
+        grid = None
+    if grid is None:
+        if not isinstance(image, da.Array):
+            image = da.from_array(np.asarray(image), chunks=block)
+        elif image.chunks != da.core.normalize_chunks(block, image.shape):
+            image = image.rechunk(block)
+    task_backend = backend or getattr(image, "backend", None) or "numpy"
 
     plan = pyramid_factors(
         image.shape,
@@ -699,35 +1142,68 @@ def write_ome_zarr(
         geometry.axes,
         pixel_size=geometry.pixel_size if anisotropic_pyramid else None,
     )
+    layouts, _ = _pyramid_layout(image.shape, chunk_shape, plan, shard_shape)
+    n_inline = len(_inline_blocks(block, image.shape, plan)) - 1
     multiscale = _multiscale(geometry, _total_factors(plan, image.ndim), name, ngff_version)
+    if resume is not None:
+        if pyramid != "inline":
+            raise InputError("resume: needs pyramid='inline' (one task per block)")
+        resume = {**resume, "writer": _writer_fingerprint(
+            image, chunk_shape, shard_shape, compressor, ngff_version, geometry, plan)}
     with (
-        _atomic_directory(out, overwrite) as tmp,
+        _output_directory(out, overwrite, resume is not None) as (tmp, resumed),
         _scheduler_for(scheduler, image) as (sched, local),
     ):
-        group = zarr.create_group(
-            store=str(tmp),
-            zarr_format=NGFF_VERSIONS[ngff_version],
-            attributes=_group_attributes(multiscale, ngff_version, extra=extra),
-            overwrite=True,
-        )
+        if resumed:
+            _check_fingerprint(tmp, resume)
+            group = _complete(zarr.open_group, store=str(tmp), mode="r+",
+                              zarr_format=NGFF_VERSIONS[ngff_version])
+        else:
+            group = _complete(
+                zarr.create_group,
+                store=str(tmp),
+                zarr_format=NGFF_VERSIONS[ngff_version],
+                attributes=_group_attributes(multiscale, ngff_version, extra=extra),
+                overwrite=True,
+            )
+            if resume is not None:  # before any data: a killed run is found and checked
+                _write_json(tmp / RESUME_FILE, resume)
         run = {"scheduler": sched, "progress": progress and local}
-        levels = [image]
-        if pyramid == "inline":  # each block feeds its children while it is in memory
-            down = downsample or downsample_mean2
-            levels += blockwise_levels(image, plan, down, INLINE_MIN_CHUNK)
-        if to_host is not None:  # the one device-to-host copy per block and level
-            host_meta = np.empty((0,) * image.ndim, image.dtype)
-            levels = [lvl.map_blocks(to_host, dtype=lvl.dtype, meta=host_meta) for lvl in levels]
-        stored = _store_levels(levels, group, 0, chunk_shape, codec, **run)[-1]
-        for level, factors in enumerate(plan[len(levels) - 1 :], start=len(levels)):
-            out_chunks = _level_chunks(chunk_shape, downsampled_shape(stored.shape, factors))
+        if pyramid == "inline":  # one task per block: fuse, every level it feeds, write
+            shapes = [tuple(image.shape)]
+            for factors in plan[:n_inline]:
+                shapes.append(downsampled_shape(shapes[-1], factors))
+            arrays = [group[str(k)] if resumed else
+                      _create_level(group, k, shapes[k], image.dtype, layouts[k], codec)
+                      for k in range(n_inline + 1)]
+            done = None if resume is None else tmp / RESUME_DONE
+            if done is not None:
+                done.mkdir(exist_ok=True)
+            writer = _BlockWriter(arrays, [tuple(f) for f in plan[:n_inline]], block,
+                                  task_backend, downsample, to_host,
+                                  None if done is None else str(done))
+            skip = _done_blocks(done) if resumed and done is not None else None
+            graph, keys = block_task_graph(image, writer, skip)
+            _run_graph(graph, keys, sched, _pass_label(0, n_inline + 1), run["progress"])
+            stored = arrays[-1]
+        else:
+            n_inline = 0
+            if to_host is not None:  # the one device-to-host copy per block
+                host_meta = np.empty((0,) * image.ndim, image.dtype)
+                image = image.map_blocks(to_host, dtype=image.dtype, meta=host_meta)
+            stored = _store_levels([image], group, 0, chunk_shape, codec, **run,
+                                   layouts=layouts[:1])[0]
+        for level in range(n_inline + 1, len(plan) + 1):
+            factors = plan[level - 1]
+            out_chunks = layouts[level].shards or layouts[level].chunks
             # Read blocks of 2C straight from the store: no rechunk tasks in the graph.
             read_chunks = tuple(c * f for c, f in zip(out_chunks, factors, strict=True))
             lower = pyramid_level(da.from_zarr(stored, chunks=read_chunks), factors, out_chunks)
-            stored = _store_levels([lower], group, level, chunk_shape, codec, **run)[0]
+            stored = _store_levels([lower], group, level, chunk_shape, codec, **run,
+                                   layouts=layouts[level:level + 1])[0]
         # rendering hints last: the display windows come from the smallest level
         omero = _omero(names, colors, channel_windows(stored, geometry.axes), name)
-        group.attrs.put(_group_attributes(multiscale, ngff_version, omero, extra))
+        _complete(group.attrs.put, _group_attributes(multiscale, ngff_version, omero, extra))
     return out
 
 
@@ -1011,7 +1487,7 @@ def format_info(info: dict[str, Any]) -> str:
       channels: C0 (#FFFFFF)
       level  shape      chunks     dtype   scale     translation
       0      300 x 200  128 x 128  uint16  0.5, 0.5  0, 0
-      1      150 x 100  128 x 100  uint16  1, 1      0.25, 0.25
+      1      150 x 100  64 x 64    uint16  1, 1      0.25, 0.25
       2      75 x 50    75 x 50    uint16  2, 2      0.75, 0.75
     """
     axes = ", ".join(

@@ -36,6 +36,10 @@ from gpufusion.errors import InputError
 #: Tags of the hidden sibling folders the writers create (``.NAME.TAG-XXXXXXXX``).
 SIBLING_TAGS = ("tmp", "old")
 
+#: A ``.NAME.tmp-*`` folder holding this file was left by a resumable run (``--resume``):
+#: the run's fingerprint; see :func:`gpufusion.writers.ome_zarr.write_ome_zarr`.
+RESUME_FILE = ".gpufusion-resume.json"
+
 #: errno values meaning "the output does not fit": full disk, quota, file size limit.
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -411,14 +415,17 @@ def _remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def recover_interrupted(out: str | os.PathLike[str], overwrite: bool) -> list[str]:
+def recover_interrupted(out: str | os.PathLike[str], overwrite: bool,
+                        resume: bool = False) -> list[str]:
     """Undo or tidy what a run killed while writing ``out`` left; return what was done.
 
     * ``out`` missing while a ``.NAME.old-*`` folder holds ``NAME`` (a run killed between
       renaming the earlier output aside and renaming the new one in): the earlier output
       is renamed back to ``out`` (the newest, if there are several).
     * With ``overwrite``, every leftover ``.NAME.tmp-*``/``.NAME.old-*`` folder is then
-      removed (see :func:`leftovers` for finding them without removing).
+      removed (see :func:`leftovers` for finding them without removing), except, with
+      ``resume``, the temporary folders of resumable runs (:data:`RESUME_FILE`): the run
+      continues the newest one.
 
     Returns one message per action taken (empty when there was nothing to do).
 
@@ -446,7 +453,7 @@ def recover_interrupted(out: str | os.PathLike[str], overwrite: bool) -> list[st
             messages.append(f"{out}: restored the earlier output from {newest.name}, where a "
                             "run that was stopped while replacing it had left it")
     if overwrite:
-        stale = leftovers(out)
+        stale = [p for p in leftovers(out) if not (resume and (p / RESUME_FILE).is_file())]
         for path in stale:
             _remove_tree(path)
         if stale:
