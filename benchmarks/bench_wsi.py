@@ -228,16 +228,17 @@ def d2h_seconds(store: Path) -> float:
 def device_levels(store: Path) -> list:
     """The levels the run made on the device and copied to the host: level 0 and the
     levels each block task downsampled itself, stored in chunks of exactly the block's
-    contribution (level-0 chunk halved k times, at least ``INLINE_MIN_CHUNK``); the
+    contribution (level-0 chunk halved k times, at least ``inline_min_chunk``); the
     coarser levels were read back and downsampled on the CPU (gpufusion.writers.ome_zarr)."""
-    from gpufusion.writers.ome_zarr import INLINE_MIN_CHUNK
+    from gpufusion.writers.ome_zarr import inline_min_chunk
 
     arrays = level_arrays(store)
     first = tuple(arrays[0].chunks)
+    smallest = inline_min_chunk(first)
     out = [arrays[0]]
     for k, array in enumerate(arrays[1:], start=1):
         halved = tuple(-(-c // 2**k) if c > 1 else 1 for c in first)
-        if tuple(array.chunks) != halved or min(c for c in halved if c > 1) < INLINE_MIN_CHUNK:
+        if tuple(array.chunks) != halved or min(c for c in halved if c > 1) < smallest:
             break
         out.append(array)
     return out

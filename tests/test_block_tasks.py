@@ -159,3 +159,21 @@ def test_block_tables_are_the_plans() -> None:
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
         np.testing.assert_array_equal(grid.block_function(idx)(),
                                       fuse(mosaic, chunks=(24, 40)).blocks[idx].compute())
+
+
+def test_block_tasks_stop_at_a_quarter_of_the_block() -> None:
+    """Blocks of 1024 write levels 1 and 2 themselves (512, 256 px chunks); level 3 and
+    below (128 px contributions: about 1 ms of zarr overhead each, for little data) are
+    read back in chunks of 1024, clipped to the level."""
+    from gpufusion.pyramid import pyramid_factors
+    from gpufusion.writers.ome_zarr import _pyramid_layout
+
+    shape, chunks = (8192, 8192), (1024, 1024)
+    plan = pyramid_factors(shape, chunks, ("y", "x"))
+    layouts, block = _pyramid_layout(shape, chunks, plan, None)
+    assert block == chunks
+    assert [lv.chunks for lv in layouts[:4]] == [(1024, 1024), (512, 512), (256, 256),
+                                                 (1024, 1024)]
+    small = _pyramid_layout((1000, 731), (128, 128), pyramid_factors(
+        (1000, 731), (128, 128), ("y", "x")), None)[0]
+    assert small[1].chunks == (64, 64)  # small blocks: down to 64 px, as before
