@@ -146,6 +146,21 @@ __device__ __forceinline__ A gf_sample_nearest(const T* __restrict__ win,
     return (A)win[lin];
 }
 
+// numpy_ref.lerp_corners: the 2**NDIM corner samples v (corner c has bit NDIM-1-d set for the
+// upper neighbour along axis d) combined last axis first, in A; v is overwritten.
+template <typename A, int NDIM>
+__device__ __forceinline__ A gf_lerp_corners(A* v, const A* f) {
+    int n = 1 << NDIM;
+    for (int d = NDIM - 1; d >= 0; --d) {
+        n >>= 1;
+        const A g = (A)1 - f[d];
+        for (int i = 0; i < n; ++i) {
+            v[i] = g * v[2 * i] + f[d] * v[2 * i + 1];
+        }
+    }
+    return v[0];
+}
+
 // numpy_ref._sample + lerp_corners, linear: corner c has bit (NDIM-1-d) set for the upper
 // neighbour along axis d; the corners are combined last axis first, in A.
 template <typename T, typename A, int NDIM>
@@ -169,15 +184,7 @@ __device__ __forceinline__ A gf_sample_linear(const T* __restrict__ win,
         }
         v[c] = (A)win[lin];
     }
-    int n = 1 << NDIM;
-    for (int d = NDIM - 1; d >= 0; --d) {
-        n >>= 1;
-        const A g = (A)1 - f[d];
-        for (int i = 0; i < n; ++i) {
-            v[i] = g * v[2 * i] + f[d] * v[2 * i + 1];
-        }
-    }
-    return v[0];
+    return gf_lerp_corners<A, NDIM>(v, f);
 }
 
 template <typename T, typename U, typename A, int NDIM, int MODE, int INTERP>
@@ -309,15 +316,7 @@ __device__ __forceinline__ A gf_lerp_offsets(const T* __restrict__ win, const in
         }
         v[c] = (A)win[lin];
     }
-    int n = 1 << NDIM;
-    for (int d = NDIM - 1; d >= 0; --d) {
-        n >>= 1;
-        const A g = (A)1 - f[d];
-        for (int i = 0; i < n; ++i) {
-            v[i] = g * v[2 * i] + f[d] * v[2 * i + 1];
-        }
-    }
-    return v[0];
+    return gf_lerp_corners<A, NDIM>(v, f);
 }
 
 template <typename T, typename U, typename A, int NDIM, int MODE, int INTERP, int PX>

@@ -219,10 +219,16 @@ def pack_fusion_chunk(windows: Sequence[np.ndarray], table: ChunkTable,
     if buffer.size < packing.nbytes:
         raise ValueError(f"pack_fusion_chunk: buffer must hold {packing.nbytes} bytes")
     pack_descriptors(table, packing, buffer)
+    _copy_windows(windows, buffer, table, packing, "pack_fusion_chunk")
+
+
+def _copy_windows(windows: Sequence[np.ndarray], buffer: np.ndarray, table: ChunkTable,
+                  packing: Any, caller: str) -> None:
+    """Copy the tile windows into their places in a packed ``buffer`` (either packing)."""
     pixels = buffer[packing.windows_offset:packing.nbytes].view(packing.window_dtype)
     for win, dst in zip(windows, window_views(pixels, table, packing), strict=True):
         if win.shape != dst.shape:
-            raise ValueError(f"pack_fusion_chunk: window shape {win.shape} differs from the "
+            raise ValueError(f"{caller}: window shape {win.shape} differs from the "
                              f"plan's {dst.shape}")
         np.copyto(dst, win, casting="unsafe")
 
@@ -416,12 +422,7 @@ def pack_separable_chunk(windows: Sequence[Any] | None, table: ChunkTable,
         return
     if len(windows) != k:
         raise ValueError(f"pack_separable_chunk: {len(windows)} windows for {k} entries")
-    pixels = buffer[packing.windows_offset:packing.nbytes].view(packing.window_dtype)
-    for win, dst in zip(windows, window_views(pixels, table, packing), strict=True):
-        if win.shape != dst.shape:
-            raise ValueError(f"pack_separable_chunk: window shape {win.shape} differs from "
-                             f"the plan's {dst.shape}")
-        np.copyto(dst, win, casting="unsafe")
+    _copy_windows(windows, buffer, table, packing, "pack_separable_chunk")
 
 
 def separable_kernel_args(base: int, out: Any, packing: SeparablePacking,

@@ -164,8 +164,6 @@ def run(args: argparse.Namespace) -> int:
     from .outputs import check_outputs, input_files
 
     out = prepare_output(args)
-    if args.pixel_size is not None and not args.pixel_size > 0:
-        raise InputError(f"--pixel-size: must be > 0, got {args.pixel_size}")
     timepoints = read_tilesets(args, tilesets_from_args)  # one unless --timepoint all
     tiles = timepoints[0]
     if args.blend_width_z is not None and tiles.ndim != 3:
