@@ -16,6 +16,11 @@ device synchronisation inside the timed function:
 * ``test_fusion_tiles_resident_vs_numpy``: the fusion stage with whole tiles resident in
   device memory (descriptors uploaded, windows gathered on the device, kernel) against the
   NumPy backend on all CPU cores (timed once per session, recorded beside the GPU result).
+  One launch per block (``fuse_device_windows``).
+* ``test_fusion_batched_resident_vs_numpy``: the same with many blocks per launch
+  (:mod:`gpufusion.backends.resident`: tiles uploaded once, a block table, one
+  ``fuse_blocks_separable`` launch per batch; no window copies), checked against the whole
+  NumPy fusion bit for bit; records the speed-up over one launch per block as well.
 
 The whole-slide case (600 tiles from TIFF files to OME-Zarr, CPU and GPU, with a stage
 breakdown) is ``benchmarks/bench_wsi.py``.
@@ -210,3 +215,56 @@ def test_fusion_tiles_resident_vs_numpy(benchmark, synthetic, setup,
         device_info(), megapixels=round(mpx, 1), gpu_Mpx_per_s=round(mpx / gpu_s, 1),
         numpy_seconds=numpy_seconds, numpy_Mpx_per_s=round(mpx / numpy_seconds, 1),
         numpy_threads=os.cpu_count(), speedup=round(numpy_seconds / gpu_s, 1))
+
+
+def test_fusion_batched_resident_vs_numpy(benchmark, synthetic, setup,
+                                          numpy_seconds: float) -> None:
+    import cupy
+
+    from gpufusion import fuse
+    from gpufusion.backends.resident import fuse_resident, upload_tiles
+
+    _, mosaic = synthetic
+    backend, params, plan = setup
+    tiles = upload_tiles(mosaic)
+    tables = [plan.chunk(idx) for idx in np.ndindex(*plan.numblocks)]
+
+    def fuse_batched() -> list:
+        blocks = fuse_resident(tiles, tables, params)
+        cupy.cuda.Device().synchronize()
+        return blocks
+
+    blocks = fuse_batched()  # warm-up (compilation), and the whole mosaic checked
+    expected = fuse(mosaic, chunks=CHUNK).compute()
+    for table, block in zip(tables, blocks, strict=True):
+        where = tuple(slice(int(a), int(a) + n) for a, n in zip(table.start, table.shape,
+                                                               strict=True))
+        np.testing.assert_array_equal(cupy.asnumpy(block), expected[where])
+    del blocks
+    kernel_s = float(np.median([event_seconds(lambda: fuse_resident(tiles, tables, params))
+                                for _ in range(5)]))
+    _, gpu_s = run_timed(benchmark, fuse_batched, ROUNDS)
+    per_block_views = [[tiles.tile(int(i))[w] for i, w in zip(t.tiles, t.windows(),
+                                                              strict=True)] for t in tables]
+
+    def per_block() -> None:
+        for t, views in zip(tables, per_block_views, strict=True):
+            if views:
+                backend.fuse_device_windows(views, t, params)
+        cupy.cuda.Device().synchronize()
+
+    per_block()
+    one_s = min(_wall(per_block) for _ in range(3))
+    mpx = math.prod(mosaic.shape) / 1e6
+    benchmark.extra_info.update(
+        device_info(), megapixels=round(mpx, 1), blocks=len(tables),
+        gpu_Mpx_per_s=round(mpx / gpu_s, 1), device_seconds=kernel_s,
+        per_block_launch_seconds=one_s, batched_over_per_block=round(one_s / gpu_s, 2),
+        numpy_seconds=numpy_seconds, numpy_Mpx_per_s=round(mpx / numpy_seconds, 1),
+        numpy_threads=os.cpu_count(), speedup=round(numpy_seconds / gpu_s, 1))
+
+
+def _wall(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

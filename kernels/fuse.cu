@@ -15,6 +15,9 @@
 //   fuse_chunk_separable<T, U, A, NDIM, MODE, INTERP, PX>
 //       the same result for chunks of pure translations, from per-axis tables (see below;
 //       also mirrors gpufusion.backends.numpy_ref.fuse_chunk); PX output pixels per thread
+//   fuse_blocks_separable<T, U, A, NDIM, MODE, INTERP, PX>
+//       many blocks of translations per launch from device-resident tiles and a block
+//       table (the same body as fuse_chunk_separable, per block; see the end of the file)
 //
 // Each thread computes whole output pixels (grid-stride loop over the chunk in C order): it
 // loops over the chunk's entries (tiles, in plan order), maps the pixel into the entry's
@@ -319,13 +322,18 @@ __device__ __forceinline__ A gf_lerp_offsets(const T* __restrict__ win, const in
     return gf_lerp_corners<A, NDIM>(v, f);
 }
 
+// The body of both separable kernels: one output block, its threads numbered first, first +
+// step, ... (a grid-stride loop over the block's PX-pixel row groups).
 template <typename T, typename U, typename A, int NDIM, int MODE, int INTERP, int PX>
-__global__ void fuse_chunk_separable(const T* __restrict__ windows,
-                                     const long long* __restrict__ woff,
-                                     const int* __restrict__ cover,
-                                     const A* __restrict__ atab, const int* __restrict__ itab,
-                                     long long n_entries, U* __restrict__ out, long long s0,
-                                     long long s1, long long s2, long long keep_single) {
+__device__ __forceinline__ void gf_separable_block(const T* __restrict__ windows,
+                                                   const long long* __restrict__ woff,
+                                                   const int* __restrict__ cover,
+                                                   const A* __restrict__ atab,
+                                                   const int* __restrict__ itab,
+                                                   long long n_entries, U* __restrict__ out,
+                                                   long long s0, long long s1, long long s2,
+                                                   long long keep_single, unsigned int first,
+                                                   unsigned int step) {
     static_assert(NDIM == 2 || NDIM == 3, "fuse_chunk_separable: NDIM must be 2 or 3");
     constexpr bool RAMP = MODE == GF_MODE_LINEAR || MODE == GF_MODE_COSINE;
     constexpr bool WEIGHTED = RAMP || MODE == GF_MODE_AVERAGE;
@@ -337,8 +345,7 @@ __global__ void fuse_chunk_separable(const T* __restrict__ windows,
     const int rows = NDIM == 2 ? shape[0] : shape[0] * shape[1];
     const unsigned int total = (unsigned int)rows * (unsigned int)groups;
     const int n = (int)n_entries;
-    const unsigned int step = blockDim.x * gridDim.x;
-    for (unsigned int t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
+    for (unsigned int t = first; t < total; t += step) {
         const int row = (int)(t / (unsigned int)groups);
         const int x0 = (int)(t - (unsigned int)row * (unsigned int)groups) * PX;
         int l[NDIM];  // the row's coordinates along the leading axes
@@ -438,5 +445,53 @@ __global__ void fuse_chunk_separable(const T* __restrict__ windows,
             }
             dst[x] = gf_cast_output<U, A>(result);
         }
+    }
+}
+
+template <typename T, typename U, typename A, int NDIM, int MODE, int INTERP, int PX>
+__global__ void fuse_chunk_separable(const T* __restrict__ windows,
+                                     const long long* __restrict__ woff,
+                                     const int* __restrict__ cover,
+                                     const A* __restrict__ atab, const int* __restrict__ itab,
+                                     long long n_entries, U* __restrict__ out, long long s0,
+                                     long long s1, long long s2, long long keep_single) {
+    gf_separable_block<T, U, A, NDIM, MODE, INTERP, PX>(
+        windows, woff, cover, atab, itab, n_entries, out, s0, s1, s2, keep_single,
+        blockIdx.x * blockDim.x + threadIdx.x, blockDim.x * gridDim.x);
+}
+
+// ---------------------------------------------------------------------------------------
+// fuse_blocks_separable<T, U, A, NDIM, MODE, INTERP, PX>: many output blocks of translations
+// in one launch, from tiles resident in device memory (gpufusion.backends.resident), each
+// block computed exactly as fuse_chunk_separable computes it (the same body), so the result
+// is bit-identical to one launch per block and to the NumPy reference.
+//   tiles    every tile of the mosaic, concatenated (C order)
+//   btab     n_blocks rows of 8 long long: [0] first entry of the block, [1] entries,
+//            [2] element offset of the block's output in `out`, [3..6) block shape s0, s1,
+//            s2 (1 past NDIM), [6] element offset of the block's first entry in atab and
+//            itab, [7] unused (0)
+//   woff     per entry (all blocks, in block order): element offset in `tiles` of the
+//            entry's window origin (tile offset + window start times the tile's strides)
+//   cover, atab, itab   as for fuse_chunk_separable, per entry, with itab offsets in the
+//            tile's strides (the window is read in place inside its tile)
+//   per_block  CUDA blocks given to each output block; the grid is a multiple of it, and
+//            output blocks beyond the grid are taken in turn (grid-stride over blocks)
+template <typename T, typename U, typename A, int NDIM, int MODE, int INTERP, int PX>
+__global__ void fuse_blocks_separable(const T* __restrict__ tiles,
+                                      const long long* __restrict__ btab,
+                                      const long long* __restrict__ woff,
+                                      const int* __restrict__ cover,
+                                      const A* __restrict__ atab, const int* __restrict__ itab,
+                                      long long n_blocks, long long per_block,
+                                      U* __restrict__ out, long long keep_single) {
+    const unsigned int per = (unsigned int)per_block;
+    const unsigned int span = gridDim.x / per;  // output blocks in flight
+    const unsigned int first = (blockIdx.x % per) * blockDim.x + threadIdx.x;
+    for (long long b = blockIdx.x / per; b < n_blocks; b += span) {
+        const long long* row = btab + 8 * b;
+        gf_separable_block<T, U, A, NDIM, MODE, INTERP, PX>(
+            tiles, woff + row[0], cover + 2 * NDIM * row[0], atab + row[6], itab + row[6],
+            row[1], out + row[2], row[3], row[4], row[5], keep_single, first,
+            per * blockDim.x);
     }
 }

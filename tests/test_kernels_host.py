@@ -167,11 +167,13 @@ def test_separable_does_not_apply_to_affine_or_empty_chunks() -> None:
 
 
 def test_separable_instantiations_compile_with_nvrtc() -> None:
-    """Every separable instantiation compiles for sm_90 with CuPy's options, cleanly (the
-    general kernel's are compiled by tests/test_kernels_nvrtc.py)."""
+    """Every separable instantiation, single-block and batched, compiles for sm_90 with
+    CuPy's options, cleanly (the general kernel's are compiled by
+    tests/test_kernels_nvrtc.py)."""
     if ck.nvrtc_library_paths() is None:
         pytest.skip("the nvidia-cuda-nvrtc wheel is not installed")
-    exprs = [ck.separable_name_expression(*key) for key in ck.fuse_instantiations()]
+    exprs = [f(*key) for key in ck.fuse_instantiations()
+             for f in (ck.separable_name_expression, ck.blocks_name_expression)]
     result = ck.nvrtc_compile(ck.kernel_source("fuse"), name="fuse.cu", arch="sm_90",
                               name_expressions=exprs,
                               options=(*ck.COMPILE_OPTIONS, "-ftz=true"))
@@ -492,3 +494,102 @@ def test_gpu_suite_passes_on_emulated_device() -> None:
     assert passed and int(passed.group(1)) >= 60, summary
     assert "skipped" not in summary and "failed" not in summary, summary
 
+
+
+# ------------------------------------------- tiles resident, many blocks per launch
+
+
+def _count_launches(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Record each fuse_blocks_separable launch configuration (one per launch)."""
+    seen: list = []
+    original = ck.blocks_launch_config
+
+    def spy(batch, *args, **kwargs):
+        seen.append(batch.n_blocks)
+        return original(batch, *args, **kwargs)
+
+    monkeypatch.setattr(ck, "blocks_launch_config", spy)
+    return seen
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("layout", cases.LAYOUTS)
+def test_resident_batched_fusion_equals_reference(fake_gpu, monkeypatch, layout: str,
+                                                  ndim: int) -> None:
+    """fuse_on_device (tiles uploaded once, a batch of blocks per fuse_blocks_separable
+    launch from a block table) equals the NumPy fusion: bit for bit for translations
+    (except cosine ramps, an ulp), within the dtype tolerance through the general kernel
+    for affine tiles; and equals the per-block separable kernel bit for bit."""
+    from gpufusion.backends.resident import fuse_on_device
+
+    launches = _count_launches(monkeypatch)
+    for k, (mode, interp) in enumerate(itertools.product(BLEND_MODES, INTERPOLATIONS)):
+        pair = (("uint16", "uint16"), ("float32", "float32"), ("uint16", "float32"),
+                ("uint8", "uint8"))[k % 4]
+        case = cases.make_case(layout, ndim, mode, interp, pair, 700 + 10 * k + ndim)
+        expected = fuse(case.mosaic, chunks=case.chunks, blend=mode, interpolation=interp,
+                        dtype=pair[1]).compute(scheduler="synchronous")
+        before = len(launches)
+        got = fake_gpu.asnumpy(fuse_on_device(case.mosaic, chunks=case.chunks, blend=mode,
+                                              interpolation=interp, dtype=pair[1],
+                                              max_batch_blocks=5))
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        if layout == "affine" or mode == "cosine":
+            assert_close(got, expected)
+        else:
+            np.testing.assert_array_equal(got, expected, err_msg=case.name)
+        n_blocks = int(np.prod([-(-n // c) for n, c in zip(expected.shape, case.chunks,
+                                                           strict=True)]))
+        if layout == "affine":  # every non-empty block has a rotated entry: general kernel;
+            # only the empty ones are batched (written as zeros by the batched kernel)
+            empty = sum(len(t) == 0 for _, t in cases.chunk_inputs(case))
+            assert sum(launches[before:]) == empty
+        else:  # every block batched, at most 5 per launch, and several launches
+            assert sum(launches[before:]) == n_blocks
+            assert len(launches) - before == -(-n_blocks // 5) and max(launches) <= 5
+        if layout != "affine":
+            for windows, table in cases.chunk_inputs(case):
+                if not ck.separable_applies(table):
+                    continue
+                one = fake_gpu.asnumpy(fake_gpu.asarray(got))[
+                    tuple(slice(int(a), int(a) + n) for a, n in zip(table.start, table.shape,
+                                                                   strict=True))]
+                from gpufusion.backends.cupy_backend import CupyBackend
+
+                single = fake_gpu.asnumpy(CupyBackend(profile=False).fuse_windows(
+                    windows, table, case.params, "separable"))
+                np.testing.assert_array_equal(one, single, err_msg=case.name)
+    assert ck.blocks_kernel.cache_info().misses >= 1
+
+
+def test_resident_block_table_layout(fake_gpu) -> None:
+    """The packed block table: entries in block order, each window read in place inside
+    its tile (offset = tile offset + window start times the tile's strides), empty blocks
+    with no entries, outputs one after another."""
+    from gpufusion.backends.resident import upload_tiles
+    from gpufusion.plan import plan_fusion
+
+    case = cases.make_case("translation", 2, "linear", "linear", ("uint16", "uint16"), 9)
+    tiles = upload_tiles(case.mosaic)
+    plan = plan_fusion(case.mosaic, case.chunks)
+    tables = [plan.chunk(i) for i in np.ndindex(*plan.numblocks)]
+    batch = ck.pack_resident_blocks(tables, case.params, tiles.offsets, tiles.strides,
+                                    "uint16")
+    btab = batch.buffer[:64 * len(tables)].view(np.int64).reshape(-1, 8)
+    woff = batch.buffer[batch.woff_offset:batch.cover_offset].view(np.int64)
+    assert btab[:, 1].tolist() == [len(t) for t in tables]
+    assert btab[:, 0].tolist() == np.concatenate(([0], np.cumsum(btab[:-1, 1]))).tolist()
+    host = np.concatenate([t.source.read(tuple(slice(0, n) for n in t.shape)).ravel()
+                           for t in case.mosaic.tiles])
+    for b, table in enumerate(tables):
+        assert btab[b, 2] == batch.out_offsets[b] and tuple(btab[b, 3:5]) == table.shape
+        for e, (t, lo) in enumerate(zip(table.tiles, table.win_lo, strict=True)):
+            tile = case.mosaic.tiles[int(t)].source.read(
+                tuple(slice(0, n) for n in case.mosaic.tiles[int(t)].shape))
+            assert host[woff[btab[b, 0] + e]] == tile[tuple(int(v) for v in lo)]
+    with pytest.raises(ValueError, match="not a pure translation"):
+        affine = cases.make_case("affine", 2, "linear", "linear", ("uint16", "uint16"), 9)
+        plan = plan_fusion(affine.mosaic, affine.chunks)
+        ck.pack_resident_blocks([t for i in np.ndindex(*plan.numblocks)
+                                 if len(t := plan.chunk(i))], affine.params, tiles.offsets,
+                                tiles.strides, "uint16")

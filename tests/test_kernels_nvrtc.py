@@ -31,7 +31,8 @@ CUPY_OPTIONS = (*ck.COMPILE_OPTIONS, "-ftz=true")
 def name_expressions(kernel: str) -> list[str]:
     if kernel == "fuse":
         return ([ck.fuse_name_expression(*key) for key in ck.fuse_instantiations()]
-                + [ck.separable_name_expression(*key) for key in ck.fuse_instantiations()])
+                + [ck.separable_name_expression(*key) for key in ck.fuse_instantiations()]
+                + [ck.blocks_name_expression(*key) for key in ck.fuse_instantiations()])
     if kernel == "downsample":
         return [ck.downsample_name_expression(*key) for key in ck.downsample_instantiations()]
     raise AssertionError(f"kernels/{kernel}.cu has no name expressions in this test")

@@ -28,6 +28,7 @@ import ctypes
 import functools
 import importlib.resources
 import importlib.util
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -288,7 +289,8 @@ def _kernel_min(a: np.ndarray, b: Any) -> np.ndarray:
     return np.where(b < a, b, a)
 
 
-def separable_tables(table: ChunkTable, params: FusionParams, acc_dtype: Any
+def separable_tables(table: ChunkTable, params: FusionParams, acc_dtype: Any,
+                     strides: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The per-axis tables of ``fuse_chunk_separable`` for a chunk of translations.
 
@@ -307,7 +309,9 @@ def separable_tables(table: ChunkTable, params: FusionParams, acc_dtype: Any
         Fraction and ramp weight at each coordinate of each axis (axes one after another).
     itab : ndarray, int32, ``(k, sum(shape), 2)``
         Window element offsets (index times the window's stride along the axis) of the lower
-        and upper neighbour; for nearest both are the nearest pixel's.
+        and upper neighbour; for nearest both are the nearest pixel's. With ``strides``
+        (``(k, ndim)`` element strides, e.g. each entry's whole tile for windows read in
+        place, :func:`pack_resident_blocks`) those strides instead of the packed window's.
     """
     adt = np.dtype(acc_dtype)
     ndim, k = len(table.shape), len(table)
@@ -337,7 +341,8 @@ def separable_tables(table: ChunkTable, params: FusionParams, acc_dtype: Any
         cover[:, d, 1] = np.where(any_ok, last_ok, 0)
         q = _kernel_min(np.where(q < lo, lo, q), hi)  # gf_min(gf_max(q, lo), hi)
         last = ws[:, d:d + 1] - 1
-        stride = np.prod(ws[:, d + 1:], axis=1, dtype=np.int64)[:, None]
+        stride = (np.prod(ws[:, d + 1:], axis=1, dtype=np.int64)[:, None] if strides is None
+                  else np.asarray(strides, dtype=np.int64)[:, d:d + 1])
         if params.interpolation == "nearest":
             i0 = i1 = np.clip(np.floor(q + 0.5).astype(np.int64), 0, last)
             frac = np.zeros(q.shape, dtype=adt)
@@ -434,6 +439,121 @@ def separable_kernel_args(base: int, out: Any, packing: SeparablePacking,
             np.uint64(base + packing.cover_offset), np.uint64(base + packing.atab_offset),
             np.uint64(base + packing.itab_offset), np.int64(packing.n_entries), out,
             np.int64(s[0]), np.int64(s[1]), np.int64(s[2]), np.int64(keep))
+
+
+def blocks_name_expression(in_dtype: str, out_dtype: str, ndim: int, mode: str,
+                           interpolation: str) -> str:
+    """The C++ name of one ``fuse_blocks_separable`` instantiation (many blocks per launch)."""
+    one = separable_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
+    return one.replace("fuse_chunk_separable<", "fuse_blocks_separable<")
+
+
+@dataclass(frozen=True)
+class BlockBatch:
+    """Many output blocks of translations packed for one ``fuse_blocks_separable`` launch
+    (:func:`pack_resident_blocks`); offsets in bytes into ``buffer``::
+
+        [ btab: n x 8 int64 | woff: K int64 | cover: K x ndim x 2 int32 | pad | atab | itab ]
+
+    ``out_offsets``/``shapes``: where each block lies in the launch's output (elements).
+    """
+
+    buffer: np.ndarray
+    n_blocks: int
+    acc_dtype: np.dtype
+    woff_offset: int
+    cover_offset: int
+    atab_offset: int
+    itab_offset: int
+    out_offsets: np.ndarray
+    shapes: tuple[tuple[int, ...], ...]
+    out_size: int
+
+
+def pack_resident_blocks(tables: Sequence[ChunkTable], params: FusionParams,
+                         tile_offsets: np.ndarray, tile_strides: np.ndarray,
+                         window_dtype: Any) -> BlockBatch:
+    """Pack the block table of ``fuse_blocks_separable`` for ``tables`` (blocks of pure
+    translations, or empty) whose tiles lie in one device buffer.
+
+    ``tile_offsets[t]`` is the element offset of tile ``t`` in that buffer and
+    ``tile_strides[t]`` its C-order element strides: each entry's window is read in place,
+    at ``tile_offsets + win_lo @ strides``, with the per-axis tables of
+    :func:`separable_tables` in the tile's strides, so every block is computed with the
+    values ``fuse_chunk_separable`` computes it with (bit-identical results).
+    """
+    acc = np.dtype(FUSE_ACCUMULATOR[np.dtype(window_dtype).name])
+    n = len(tables)
+    ndim = len(tables[0].shape) if n else 2
+    counts = np.array([len(t) for t in tables], dtype=np.int64)
+    k_total = int(counts.sum())
+    tlens = np.array([2 * sum(int(v) for v in t.shape) for t in tables], dtype=np.int64)
+    tab_sizes = counts * tlens
+    tab_starts = np.concatenate(([0], np.cumsum(tab_sizes)[:-1])).astype(np.int64)
+    sizes = np.array([math.prod(t.shape) for t in tables], dtype=np.int64)
+    out_offsets = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    entry_starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    tab_total = int(tab_sizes.sum())
+    woff_offset = 64 * n
+    cover_offset = woff_offset + 8 * k_total
+    atab_offset = -(-(cover_offset + 4 * k_total * ndim * 2) // 8) * 8
+    itab_offset = atab_offset + tab_total * acc.itemsize
+    nbytes = itab_offset + 4 * tab_total
+    if tab_total > _INT32_LIMIT or int(sizes.max(initial=0)) > _INT32_LIMIT:
+        raise ValueError("pack_resident_blocks: a block or its tables exceed 32-bit indices")
+    buffer = np.zeros(nbytes, dtype=np.uint8)
+    btab = buffer[:woff_offset].view(np.int64).reshape(n, 8)
+    woff = buffer[woff_offset:cover_offset].view(np.int64)
+    cover_all = buffer[cover_offset:cover_offset + 8 * k_total * ndim].view(np.int32)
+    atab_all = buffer[atab_offset:itab_offset].view(acc)
+    itab_all = buffer[itab_offset:nbytes].view(np.int32)
+    for b, table in enumerate(tables):
+        if len(table.shape) != ndim:
+            raise ValueError("pack_resident_blocks: blocks of different ndim")
+        s = [int(v) for v in table.shape] + [1] * (3 - ndim)
+        btab[b] = (entry_starts[b], counts[b], out_offsets[b], *s, tab_starts[b], 0)
+        k = int(counts[b])
+        if k == 0:
+            continue
+        if not bool(np.all(table.translation)):
+            raise ValueError("pack_resident_blocks: a block has an entry that is not a "
+                             "pure translation")
+        strides = np.asarray(tile_strides, dtype=np.int64)[table.tiles]
+        cover, atab, itab = separable_tables(table, params, acc, strides)
+        if int(np.abs(itab).max(initial=0)) >= _INT32_LIMIT:
+            raise ValueError("pack_resident_blocks: a tile exceeds 32-bit indices")
+        e0 = int(entry_starts[b])
+        woff[e0:e0 + k] = (np.asarray(tile_offsets, dtype=np.int64)[table.tiles]
+                           + np.sum(table.win_lo.astype(np.int64) * strides, axis=1))
+        cover_all[2 * ndim * e0:2 * ndim * (e0 + k)] = cover.reshape(-1)
+        t0 = int(tab_starts[b])
+        atab_all[t0:t0 + int(tab_sizes[b])] = atab.reshape(-1)
+        itab_all[t0:t0 + int(tab_sizes[b])] = itab.reshape(-1)
+    return BlockBatch(buffer, n, acc, woff_offset, cover_offset, atab_offset, itab_offset,
+                      out_offsets, tuple(tuple(int(v) for v in t.shape) for t in tables),
+                      int(sizes.sum()))
+
+
+def blocks_kernel_args(tiles: int, base: int, out: Any, batch: BlockBatch, per_block: int,
+                       params: FusionParams, window_dtype: Any) -> tuple:
+    """Arguments of ``fuse_blocks_separable``: resident tiles at address ``tiles``, the
+    batch's packed buffer at ``base`` on the device, ``out`` the launch's output."""
+    keep = keeps_single_samples(params.mode, np.dtype(window_dtype), params.out_dtype)
+    return (np.uint64(tiles), np.uint64(base), np.uint64(base + batch.woff_offset),
+            np.uint64(base + batch.cover_offset), np.uint64(base + batch.atab_offset),
+            np.uint64(base + batch.itab_offset), np.int64(batch.n_blocks),
+            np.int64(per_block), out, np.int64(keep))
+
+
+def blocks_launch_config(batch: BlockBatch, block: int = 256, max_blocks: int = 1 << 20
+                         ) -> tuple[int, int, int]:
+    """``(grid, block, per_block)`` of a ``fuse_blocks_separable`` launch: enough CUDA blocks
+    per output block for its largest block's work, and a grid that is a multiple of it."""
+    work = max((separable_launch_total(s) for s in batch.shapes), default=1)
+    per = max(1, -(-work // block))
+    per = min(per, max_blocks)
+    span = max(1, min(batch.n_blocks, max_blocks // per))
+    return per * span, block, per
 
 
 def separable_launch_total(shape: Sequence[int]) -> int:
@@ -551,6 +671,19 @@ def separable_kernel(in_dtype: str, out_dtype: str, ndim: int, mode: str,
     import cupy
 
     expr = separable_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
+    module = cupy.RawModule(code=kernel_source("fuse"), options=COMPILE_OPTIONS,
+                            name_expressions=(expr,))
+    return module.get_function(expr)
+
+
+@CachedGetter
+def blocks_kernel(in_dtype: str, out_dtype: str, ndim: int, mode: str,
+                  interpolation: str) -> Any:
+    """The compiled ``fuse_blocks_separable`` kernel for one configuration (as
+    :func:`fuse_kernel`, from the same source)."""
+    import cupy
+
+    expr = blocks_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
     module = cupy.RawModule(code=kernel_source("fuse"), options=COMPILE_OPTIONS,
                             name_expressions=(expr,))
     return module.get_function(expr)

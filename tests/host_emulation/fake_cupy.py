@@ -26,7 +26,13 @@ import numpy as np
 
 from gpufusion.backends import cuda_kernels as ck
 
-from .harness import HostKernels, _downsample_symbol, _fuse_symbol, _separable_symbol
+from .harness import (
+    HostKernels,
+    _blocks_symbol,
+    _downsample_symbol,
+    _fuse_symbol,
+    _separable_symbol,
+)
 from .strict_cupy import (
     NULL_STREAM,
     STREAMS,
@@ -47,6 +53,7 @@ def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleTy
         calls[ck.fuse_name_expression(*key)] = getattr(host.libs["fuse"], _fuse_symbol(key))
         calls[ck.separable_name_expression(*key)] = getattr(host.libs["fuse"],
                                                             _separable_symbol(key))
+        calls[ck.blocks_name_expression(*key)] = getattr(host.libs["fuse"], _blocks_symbol(key))
     for key in host.downsample_keys:
         calls[ck.downsample_name_expression(*key)] = getattr(host.libs["downsample"],
                                                              _downsample_symbol(*key))
@@ -144,7 +151,8 @@ def emulated_gpu(host: HostKernels, monkeypatch: Any) -> Iterator[types.ModuleTy
     monkeypatch.setattr(DeviceArray, "dispatch_numpy", True)
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
-    caches = (ck.fuse_kernel, ck.separable_kernel, ck.downsample_kernel, get_backend)
+    caches = (ck.fuse_kernel, ck.separable_kernel, ck.blocks_kernel, ck.downsample_kernel,
+              get_backend)
     for c in caches:
         c.cache_clear()
     ok, why = gpu_status()

@@ -94,6 +94,33 @@ extern "C" void {_separable_symbol(key)}(unsigned int grid, unsigned int block,
     return "\n".join(out)
 
 
+_BLOCKS_ARGS = [ctypes.c_uint, ctypes.c_uint] + [ctypes.c_void_p] * 6 + \
+    [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_longlong]
+
+
+def _blocks_symbol(key: FuseKey) -> str:
+    return _fuse_symbol(key).replace("gf_host_fuse_", "gf_host_fuse_blocks_")
+
+
+def _blocks_wrappers(keys: Sequence[FuseKey]) -> str:
+    out = []
+    for key in keys:
+        expr = ck.blocks_name_expression(*key)
+        tin, tout = ck.CTYPES[key[0]], ck.CTYPES[key[1]]
+        acc = ck.CTYPES[ck.FUSE_ACCUMULATOR[key[0]]]
+        out.append(f"""
+extern "C" void {_blocks_symbol(key)}(unsigned int grid, unsigned int block,
+        const void* tiles, const long long* btab, const long long* woff, const int* cover,
+        const void* atab, const int* itab, long long n_blocks, long long per_block, void* out,
+        long long keep_single) {{
+    gf_host_launch(grid, block, [&]() {{
+        {expr}((const {tin}*)tiles, btab, woff, cover, (const {acc}*)atab, itab, n_blocks,
+               per_block, ({tout}*)out, keep_single);
+    }});
+}}""")
+    return "\n".join(out)
+
+
 def _downsample_symbol(dtype: str, algorithm: str) -> str:
     return f"gf_host_downsample_{dtype}_{algorithm}"
 
@@ -137,6 +164,8 @@ class HostKernels:
             fn.argtypes, fn.restype = _FUSE_ARGS, None
             fn = getattr(libs["fuse"], _separable_symbol(key))
             fn.argtypes, fn.restype = _SEPARABLE_ARGS, None
+            fn = getattr(libs["fuse"], _blocks_symbol(key))
+            fn.argtypes, fn.restype = _BLOCKS_ARGS, None
         for name, algorithm in downsample_keys:
             fn = getattr(libs["downsample"], _downsample_symbol(name, algorithm))
             fn.argtypes, fn.restype = _DS_ARGS, None
@@ -145,8 +174,9 @@ class HostKernels:
     def build(cls, workdir: Path, fuse_keys: Sequence[FuseKey],
               downsample_keys: Sequence[tuple[str, str]]) -> HostKernels:
         """Compile both kernel files (in parallel) into ``workdir`` and load them; each
-        fusion key builds the general kernel and its separable twin."""
-        units = {"fuse": _fuse_wrappers(fuse_keys) + _separable_wrappers(fuse_keys),
+        fusion key builds the general kernel, its separable twin and the batched one."""
+        units = {"fuse": _fuse_wrappers(fuse_keys) + _separable_wrappers(fuse_keys)
+                 + _blocks_wrappers(fuse_keys),
                  "downsample": _downsample_wrappers(downsample_keys)}
         procs, paths = {}, {}
         for kernel, wrappers in units.items():
