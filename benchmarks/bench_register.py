@@ -175,3 +175,29 @@ def test_global_solve(benchmark, n_tiles: int) -> None:
     benchmark.extra_info["edges"] = len(pairs)
     benchmark.extra_info["iterations"] = result.iterations
     benchmark.extra_info["rejected"] = int(result.rejected.sum())
+
+
+@pytest.mark.parametrize("search", ["max_shift 30", "automatic"])
+def test_register_search_cpu(benchmark, search: str) -> None:
+    """Issue 14: the whole registration of the 1024 px 3x3 grid (NumPy, quality scoring off),
+    with ``max_shift=30`` (one pass, plus the diagonal pairs) and without it (binned search
+    up to half a tile, full-resolution pass, stage model, diagonal pairs)."""
+    import warnings
+
+    from gpufusion.registration import RegistrationWarning, register_mosaic
+
+    syn = make_mosaic((3, 3), (1024, 1024), overlap=0.1, stage_error=15, seed=0)
+    mosaic = syn.mosaic(syn.stage_positions)
+    kwargs = {"max_shift": MAX_SHIFT} if search == "max_shift 30" else {}
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RegistrationWarning)
+            return register_mosaic(mosaic, backend="numpy", quality=False, **kwargs)
+
+    run()  # warm-up
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
+    err = result.positions - syn.positions
+    benchmark.extra_info["rms_px"] = round(float(np.sqrt(np.mean((err - err.mean(0)) ** 2))), 4)
+    benchmark.extra_info["pairs"] = len(result.edges)
+    benchmark.extra_info["kept"] = int(result.edges.kept.sum())

@@ -33,10 +33,18 @@ calls, on NumPy the same code runs through ``scipy.fft``):
    integer shift, refined by Gauss-Newton (Lucas-Kanade) on the normalised overlap
    (:mod:`gpufusion.registration.refine`). On smooth, low-texture content the
    phase-correlation peak is broad and biased; these two steps are not.
+
+A search may be centred on any expected offset (``expected``, per pair) with its own range
+(``max_shift`` per pair and axis); "nominal" above then means that offset.
+:func:`gpufusion.registration.search.search_pairs` runs the search without a known range:
+tiles binned first (phase correlation of nearly whole tiles, shifts up to half a tile),
+then full resolution within a few binned pixels of that answer, and pairs whose answer is at
+the wall of their range searched again wider.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Sequence
@@ -76,7 +84,7 @@ __all__ = [
 MIN_WINDOW = 8
 #: The search for a pair's shift reaches this many pixels beyond ``max_shift``.
 SEARCH_BEYOND = 2.0
-#: Steps of NCC hill climbing at most.
+#: Steps of NCC hill climbing at most (or the width of the search range, if larger).
 CLIMB_STEPS = 64
 #: Noisy pairs: both windows are smoothed by a Gaussian of up to this sigma (px) before NCC
 #: scoring, hill climbing and sub-pixel refinement, ramped in as the noise share of the
@@ -122,6 +130,8 @@ class PairMeasurements:
         ``numpy`` or ``cupy``.
     seconds : float
         Wall time of the measurement.
+    read_seconds : float
+        Part of ``seconds`` spent reading the windows from the tiles.
     """
 
     pairs: np.ndarray
@@ -133,6 +143,7 @@ class PairMeasurements:
     at_limit: np.ndarray
     backend: str
     seconds: float
+    read_seconds: float = 0.0
 
     @property
     def offset(self) -> np.ndarray:
@@ -293,6 +304,12 @@ def resolve_registration_backend(backend: str) -> str:
     """
     if backend not in BACKENDS:
         raise InputError(f"backend: unknown {backend!r}; choose one of {', '.join(BACKENDS)}")
+    # --- scale-out hook: inside distributed.on_cluster the workers' backend (resolved there)
+    from .distributed import active_cluster
+
+    if active_cluster() is not None:
+        return active_cluster().backend  # type: ignore[union-attr]
+    # --- end of the scale-out hook
     if backend == "numpy":
         return "numpy"
     ok, why = gpu_status()
@@ -323,15 +340,18 @@ class _Windows:
 
 
 def _plan_windows(pos: np.ndarray, shapes: np.ndarray, pairs: np.ndarray,
-                  max_shift: np.ndarray) -> _Windows:
+                  max_shift: np.ndarray, expected: np.ndarray | None = None) -> _Windows:
     """One world box per pair: the nominal overlap widened by ``max_shift`` on every side.
 
     Both tiles are cut to that box (zero outside a tile), so the expected window shift is
     ~0 and the overlap sits in the middle of both windows, where the apodising window
-    keeps it; the length is rounded up to an FFT-friendly size.
+    keeps it; the length is rounded up to an FFT-friendly size. ``max_shift`` is one value
+    per axis (d,) or per pair and axis (m, d); ``expected`` (m, d), the offsets
+    ``t_j - t_i`` to centre the search on (default: the nominal ``pos[j] - pos[i]``).
     """
     i, j = pairs[:, 0], pairs[:, 1]
-    pi, pj = pos[i], pos[j]
+    pi = pos[i]
+    pj = pos[j] if expected is None else pi + expected
     ni, nj = shapes[i], shapes[j]
     lo = np.maximum(pi, pj)  # nominal overlap box (world pixel centres)
     hi = np.minimum(pi + ni - 1, pj + nj - 1)
@@ -498,14 +518,21 @@ def measure_pairs(
     mosaic: Mosaic,
     pairs: np.ndarray | None = None,
     *,
-    max_shift: float | Sequence[float] | None = None,
+    max_shift: float | Sequence[float] | np.ndarray | None = None,
+    expected: np.ndarray | None = None,
     backend: str = "numpy",
     n_peaks: int = 2,
     algorithm: str = "auto",
     batch_pixels: int | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
+    label: str = "registering pairs",
+    min_shared_fraction: float | np.ndarray = 0.0,
 ) -> PairMeasurements:
     """Measure the offset of every candidate pair (see the module docs for the method).
+
+    Every pair is measured on its own, so any subset of pairs (a slice of ``pairs`` with the
+    matching rows of ``max_shift`` and ``expected``) can be measured separately, e.g. in
+    batches on several workers, and the rows put back together.
 
     Parameters
     ----------
@@ -513,10 +540,14 @@ def measure_pairs(
         Translation-only mosaic at its nominal (stage) positions.
     pairs : ndarray of int, shape (m, 2), optional
         Pairs to measure (default: :func:`candidate_pairs` with ``max_shift``).
-    max_shift : float or sequence of float, optional
-        Largest expected error of a pair's offset, in pixels, for all axes or per axis
-        (default :func:`default_max_shift`). With per-tile stage errors of up to ``E``,
-        pairs can be off by ``2 E``. 0 measures nothing and scores the nominal offsets.
+    max_shift : float, sequence of float or ndarray (m, ndim), optional
+        Largest expected error of a pair's offset, in pixels, for all axes, per axis, or
+        per pair and axis (then ``pairs`` must be given) (default :func:`default_max_shift`).
+        With per-tile stage errors of up to ``E``, pairs can be off by ``2 E``. 0 measures
+        nothing and scores the offsets searched around.
+    expected : ndarray (m, ndim), optional
+        Offsets ``t_j - t_i`` to search around (default: the nominal ones). ``shift`` is
+        still reported against the nominal offsets.
     backend : {"numpy", "cupy", "auto"}
     n_peaks : int
         Phase-correlation peaks whose aliases are scored by NCC.
@@ -525,9 +556,15 @@ def measure_pairs(
         ``batched`` on CuPy).
     batch_pixels : int, optional
         Window pixels per batch (default 2**23 on NumPy, 2**26 on CuPy).
-    progress : bool
-        Show a ``registering pairs`` line on stderr (pairs done/total, rate, ETA; counted
-        per batch; :class:`gpufusion.progress.Progress`).
+    progress : bool or Progress
+        Show a ``label`` line on stderr (pairs done/total, rate, ETA; counted per batch;
+        :class:`gpufusion.progress.Progress`); or count on this open line (its total grows
+        by the pairs measured here).
+    label : str
+        What the progress line calls this step.
+    min_shared_fraction : float or ndarray (m,)
+        A shift must leave this fraction of the smaller tile's pixels shared (at least
+        ``refine.MIN_SHARED_PIXELS``); wide searches use it against chance matches of slivers.
 
     Returns
     -------
@@ -542,10 +579,22 @@ def measure_pairs(
     >>> bool(abs(m.offset[0] - true).max() < 0.05), bool(m.ncc[0] > 0.9)
     (True, True)
     """
+    # --- scale-out hook: inside distributed.on_cluster, measured by the cluster's workers
+    from .distributed import active_cluster
+
+    if (cluster := active_cluster()) is not None:
+        return cluster.measure(mosaic, pairs, max_shift=max_shift, expected=expected,
+                               n_peaks=n_peaks, algorithm=algorithm, batch_pixels=batch_pixels,
+                               progress=progress, label=label,
+                               min_shared_fraction=min_shared_fraction)
+    # --- end of the scale-out hook
     t0 = time.perf_counter()
     pos = translation_positions(mosaic)
     d = mosaic.ndim
-    ms = check_max_shift(max_shift, mosaic)
+    per_pair = max_shift is not None and np.ndim(max_shift) == 2
+    if per_pair and pairs is None:
+        raise InputError("max_shift: one row per pair needs the pairs")
+    ms = None if per_pair else check_max_shift(max_shift, mosaic)
     if pairs is None:
         pairs = candidate_pairs(mosaic, max_shift=ms)
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
@@ -565,23 +614,41 @@ def measure_pairs(
     budget = batch_pixels or (2**26 if name == "cupy" else 2**23)
 
     m = len(pairs)
+    ms = _pair_max_shift(max_shift if per_pair else ms, mosaic, pairs)
     nominal = pos[pairs[:, 1]] - pos[pairs[:, 0]] if m else np.zeros((0, d))
+    if expected is not None:
+        expected = np.asarray(expected, dtype=np.float64)
+        if expected.shape != (m, d) or not np.all(np.isfinite(expected)):
+            raise InputError(f"expected: need finite offsets of shape ({m}, {d}), got "
+                             f"shape {expected.shape}")
     shift = np.full((m, d), np.nan)
     ncc = np.full(m, np.nan)
     peak = np.full(m, np.nan)
     at_limit = np.zeros(m, dtype=bool)
-    win = _plan_windows(pos, mosaic.tile_shapes, pairs, ms)
+    shapes = mosaic.tile_shapes
+    win = _plan_windows(pos, shapes, pairs, ms, expected)
+    smaller = np.minimum(np.prod(shapes[pairs[:, 0]], axis=1),
+                         np.prod(shapes[pairs[:, 1]], axis=1)).astype(np.float64)
+    min_shared = np.broadcast_to(np.asarray(min_shared_fraction, np.float64) * smaller, (m,))
+    read_seconds = 0.0
     groups: dict[tuple[int, ...], list[int]] = {}
     for p in np.flatnonzero(win.shape[:, 0] > 0):
         groups.setdefault(tuple(int(v) for v in win.shape[p]), []).append(int(p))
-    with Progress("registering pairs", sum(len(g) for g in groups.values()), unit="pairs",
-                  enabled=progress) as bar:
+    todo = sum(len(g) for g in groups.values())
+    if isinstance(progress, Progress):  # a line shared by several measurements: count on it
+        progress.add_total(todo)
+        line: Any = contextlib.nullcontext(progress)
+    else:
+        line = Progress(label, todo, unit="pairs", enabled=progress)
+    with line as bar:
         for shape, members in groups.items():
             per_batch = max(1, budget // int(np.prod(shape)))
             for k in range(0, len(members), per_batch):
                 idx = np.asarray(members[k : k + per_batch])
-                batch = _load_batch(ops, mosaic, pairs, win, idx, algorithm)
-                if np.any(ms > 0):
+                t_read = time.perf_counter()
+                batch = _load_batch(ops, mosaic, pairs, win, idx, algorithm, min_shared[idx])
+                read_seconds += time.perf_counter() - t_read
+                if np.any(ms[idx] > 0):
                     s, conf, height, wall = _register_batch(ops, batch, n_peaks)
                     at_limit[idx] = wall
                 else:  # nothing may move: score the nominal offsets only
@@ -596,11 +663,27 @@ def measure_pairs(
                 bar.update(len(idx))
     shift[~np.isfinite(ncc)] = np.nan
     return PairMeasurements(pairs, nominal, shift, ncc, peak, win.shape, at_limit, name,
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, read_seconds)
+
+
+def _pair_max_shift(max_shift: Any, mosaic: Mosaic, pairs: np.ndarray) -> np.ndarray:
+    """``max_shift`` as one row per pair (m, d): per-axis values repeated, or a per-pair
+    array checked (finite, >= 0, below both tiles' sizes)."""
+    m, d = len(pairs), mosaic.ndim
+    ms = np.asarray(max_shift, dtype=np.float64)
+    if ms.ndim < 2:
+        return np.broadcast_to(ms.reshape(-1)[:d] if ms.size == d else ms, (m, d)).copy()
+    if ms.shape != (m, d) or not np.all(np.isfinite(ms)) or np.any(ms < 0):
+        raise InputError(f"max_shift: expected finite numbers >= 0 of shape ({m}, {d}), got "
+                         f"shape {ms.shape}")
+    shapes = mosaic.tile_shapes
+    if m and np.any(ms >= np.maximum(shapes[pairs[:, 0]], shapes[pairs[:, 1]])):
+        raise InputError("max_shift: a pair's search range is not below the tile size")
+    return ms
 
 
 def _load_batch(ops: _Ops, mosaic: Mosaic, pairs: np.ndarray, win: _Windows, idx: np.ndarray,
-                algorithm: str) -> Batch:
+                algorithm: str, min_shared: np.ndarray | None = None) -> Batch:
     a = np.stack([_read_window(mosaic, pairs[p, 0], win.start_i[p], win.shape[p], win.a_lo[p],
                                win.a_hi[p]) for p in idx])
     b = np.stack([_read_window(mosaic, pairs[p, 1], win.start_j[p], win.shape[p], win.b_lo[p],
@@ -615,7 +698,7 @@ def _load_batch(ops: _Ops, mosaic: Mosaic, pairs: np.ndarray, win: _Windows, idx
             a[k][a_box] = _smooth(a[k][a_box], sigma)
             b[k][b_box] = _smooth(b[k][b_box], sigma)
     boxes = (win.a_lo[idx], win.a_hi[idx], win.b_lo[idx], win.b_hi[idx])
-    return Batch(ops.xp, a, b, boxes, win.s_lo[idx], win.s_hi[idx], algorithm)
+    return Batch(ops.xp, a, b, boxes, win.s_lo[idx], win.s_hi[idx], algorithm, min_shared)
 
 
 def _register_batch(ops: _Ops, batch: Batch, n_peaks: int
@@ -636,7 +719,9 @@ def _register_batch(ops: _Ops, batch: Batch, n_peaks: int
         best = np.argmax(np.where(np.isfinite(scores), scores, -np.inf), axis=1)
         s_int = shifts[np.arange(nb), best]
         conf = scores[np.arange(nb), best]
-    s_int, conf = hill_climb(batch, s_int, conf, CLIMB_STEPS)
+    # a wide range may need a longer climb (smooth content: a broad, rising NCC surface)
+    reach = float(np.max(batch.s_hi - batch.s_lo, initial=0.0))
+    s_int, conf = hill_climb(batch, s_int, conf, max(CLIMB_STEPS, int(reach)))
     ok = np.isfinite(conf)
     frac = quadratic_peak(batch, s_int, conf)
     frac, _ = lucas_kanade(batch, s_int, frac, ok)
@@ -687,3 +772,4 @@ def check_max_shift(max_shift: float | Sequence[float] | None, mosaic: Mosaic) -
             "pixels with their neighbours"
         )
     return ms
+

@@ -17,6 +17,8 @@ overlapping pairs: 17 side and 12 diagonal neighbours): 0.054 at the nominal 10 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..layout import Mosaic
@@ -24,7 +26,19 @@ from ..spatial import overlapping_pairs
 from .pairwise import translation_positions
 from .refine import ncc_value
 
-__all__ = ["mean_overlap_ncc", "overlap_ncc", "overlapping_tile_pairs"]
+__all__ = ["PositionCheck", "check_positions", "mean_overlap_ncc", "overlap_ncc",
+           "overlapping_tile_pairs"]
+
+#: check_positions: pairs checked at most; a pair counts as matched at NCC >= CHECK_MATCH,
+#: and as off when it matches CHECK_OFF px (or 1.5 binned pixels) or more away from where
+#: it is placed, better there by CHECK_GAIN in NCC (see PositionCheck.looks_off).
+CHECK_PAIRS = 6
+CHECK_MATCH = 0.3
+CHECK_OFF = 4.0
+CHECK_GAIN = 0.1
+#: Fewest (binned) pixels two windows must share at their best match for the position
+#: check to count it.
+CHECK_SHARED = 2048
 
 
 def overlapping_tile_pairs(mosaic: Mosaic, positions: np.ndarray | None = None) -> np.ndarray:
@@ -134,3 +148,126 @@ def _shift_linear(b: np.ndarray, frac: np.ndarray) -> np.ndarray:
             prev = b[(slice(None),) * axis + (slice(None, -1),)]
             b = (1.0 - f) * cur + f * prev
     return b
+
+
+@dataclass(frozen=True)
+class PositionCheck:
+    """What :func:`check_positions` found.
+
+    Attributes
+    ----------
+    pairs : ndarray of int (k, 2)
+        The pairs checked.
+    off : ndarray (k,)
+        How far each pair's best match lies from its given offset (px, Euclidean; NaN where
+        it did not match).
+    ncc_given, ncc_best : ndarray (k,)
+        Overlap NCC (on binned tiles) at the given offset and at the best match.
+    off_px : float
+        Median of ``off`` over the matched pairs (NaN when none matched).
+    looks_off : bool
+        The positions are clearly off: at least half the pairs match at least ``CHECK_OFF``
+        px (or 1.5 binned pixels) away, and better there by ``CHECK_GAIN`` in NCC (or by
+        half of what their NCC as placed misses to 1).
+    seconds : float
+    beyond : bool
+        Some pairs matched best at the edge of the range checked (10 % of the tile): the
+        positions may be off by more than ``off_px``.
+    """
+
+    pairs: np.ndarray
+    off: np.ndarray
+    ncc_given: np.ndarray
+    ncc_best: np.ndarray
+    off_px: float
+    looks_off: bool
+    seconds: float
+    beyond: bool = False
+
+    def message(self) -> str:
+        """One line for a user (empty when the positions look right)."""
+        if not self.looks_off:
+            return ""
+        matched = np.isfinite(self.off)
+        more = " or more" if self.beyond else ""
+        return (f"positions look off by ~{self.off_px:.0f} px{more}: the overlaps of "
+                f"{int(matched.sum())} of {len(self.pairs)} checked pairs correlate at "
+                f"{np.nanmedian(self.ncc_given[matched]):.2f} (NCC) as placed and at "
+                f"{np.median(self.ncc_best[matched]):.2f} when aligned; add --register")
+
+
+def check_positions(mosaic: Mosaic, *, max_pairs: int = CHECK_PAIRS) -> PositionCheck:
+    """A quick check of given positions: do a few overlaps agree where the tiles are placed?
+
+    Up to ``max_pairs`` side-neighbour pairs spread over the mosaic are registered on tiles
+    binned to ~200 px (:func:`~gpufusion.registration.search.bin_factor`) within 10 % of
+    the tile (:func:`~gpufusion.registration.pairwise.measure_pairs`), and their overlap
+    NCC at the given offset compared with the NCC at the best match. Cheap: only the
+    overlap strips of those pairs are read.
+
+    Raises
+    ------
+    InputError
+        For tiles that are not placed by translations alone.
+
+    Examples
+    --------
+    >>> from gpufusion.synthetic import make_mosaic
+    >>> syn = make_mosaic((2, 2), (256, 256), overlap=0.15, stage_error=12, seed=0)
+    >>> check_positions(syn.mosaic()).looks_off           # the true positions
+    False
+    >>> check_positions(syn.mosaic(syn.stage_positions)).looks_off
+    True
+    """
+    import time
+
+    from .pairwise import candidate_pairs, default_max_shift, measure_pairs
+    from .search import COARSE_SHARED, bin_factor, binned_mosaic
+
+    t0 = time.perf_counter()
+    pos = translation_positions(mosaic)
+    pairs = candidate_pairs(mosaic, max_shift=default_max_shift(mosaic))
+    tile = mosaic.tile_shapes.min(axis=0).astype(np.float64)
+    if len(pairs):  # side neighbours (apart along one axis), spread over the mosaic
+        sep = np.abs(pos[pairs[:, 1]] - pos[pairs[:, 0]]) > 0.25 * tile
+        pairs = pairs[np.sum(sep, axis=1) <= 1]
+    if len(pairs) > max_pairs:
+        pairs = pairs[np.unique(np.linspace(0, len(pairs) - 1, max_pairs).round().astype(int))]
+    f = bin_factor(mosaic)
+    small = binned_mosaic(mosaic, f, pos)
+    k = len(pairs)
+    off = np.full(k, np.nan)
+    wall = np.zeros(k, dtype=bool)
+    given = np.full(k, np.nan)
+    best = np.full(k, np.nan)
+    if k:
+        reach = np.maximum(np.floor(default_max_shift(mosaic) / f), 1.0)
+        reach = np.minimum(reach, small.tile_shapes.min(axis=0) - 1)
+        meas = measure_pairs(small, pairs, max_shift=reach, min_shared_fraction=COARSE_SHARED)
+        given = overlap_ncc(small, pairs)
+        best = meas.ncc
+        # A match counts only over at least CHECK_SHARED pixels shared by the two windows at
+        # the shift found, and well above chance: the best of N candidate shifts over n
+        # pixels of pure noise correlates at about sqrt(2 ln N / n) (the maximum of N
+        # near-Gaussian NCC values of variance 1/n). Small overlaps of noise-like content
+        # (where a chance match of 0.3 is common) never warn.
+        shared = np.prod(np.clip(meas.window - np.abs(np.nan_to_num(meas.shift)), 0, None),
+                         axis=1).astype(np.float64)
+        n_shifts = float(np.prod(2 * reach + 1))
+        chance = np.sqrt(2.0 * np.log(max(n_shifts, 2.0)) / np.maximum(shared, 1.0))
+        ok = (np.isfinite(best) & (shared >= CHECK_SHARED)
+              & (best >= np.maximum(CHECK_MATCH, 3.0 * chance)))
+        # a match on the wall of the range: off by that much at least
+        off[ok] = np.linalg.norm(meas.shift[ok] * f, axis=1)
+        wall = ok & meas.at_limit
+    matched = np.isfinite(off)
+    off_px = float(np.median(off[matched])) if matched.any() else float("nan")
+    # a pair is off: its best match lies far, and matches clearly better than as placed (by
+    # CHECK_GAIN, or by half what is missing to 1 for smooth content that correlates well
+    # even when misplaced)
+    placed = np.nan_to_num(given, nan=-1.0)
+    better = best - placed >= np.minimum(CHECK_GAIN, 0.5 * (1.0 - placed))
+    far = matched & (np.nan_to_num(off) >= max(CHECK_OFF, 1.5 * float(f.max()))) & better
+    looks_off = bool(k > 0 and 2 * int(far.sum()) >= k)
+    return PositionCheck(pairs, off, given, best, off_px, looks_off, time.perf_counter() - t0,
+                         bool(np.any(wall & far)))

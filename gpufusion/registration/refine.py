@@ -62,11 +62,15 @@ class Batch:
     s_lo, s_hi : ndarray (B, d)
         Allowed range of the shift.
     algorithm : {"slices", "batched"}
+    min_shared : ndarray (B,), optional
+        Shared pixels a shift must leave to be scored, per pair (default
+        ``MIN_SHARED_PIXELS``; a wide search asks for more, so that a sliver of a few
+        shared pixels cannot win by chance).
     """
 
     def __init__(self, xp: Any, a_host: np.ndarray, b_host: np.ndarray,
                  boxes: tuple[np.ndarray, ...], s_lo: np.ndarray, s_hi: np.ndarray,
-                 algorithm: str) -> None:
+                 algorithm: str, min_shared: np.ndarray | None = None) -> None:
         self.xp = xp
         self.a_host, self.b_host = a_host, b_host
         self.a = xp.asarray(a_host)
@@ -75,6 +79,8 @@ class Batch:
         self.s_lo, self.s_hi = s_lo, s_hi
         self.algorithm = algorithm
         self.shape = tuple(a_host.shape[1:])
+        self.min_shared = (np.full(len(a_host), float(MIN_SHARED_PIXELS)) if min_shared is None
+                           else np.maximum(np.asarray(min_shared, np.float64), MIN_SHARED_PIXELS))
         #: NCC already computed: (pair, *shift) -> value
         self.cache: dict[tuple[int, ...], float] = {}
 
@@ -91,7 +97,7 @@ class Batch:
         lo, hi = self.shared_boxes(shifts)
         ext = hi - lo
         ok = np.all(ext >= 3, axis=-1)
-        ok &= np.prod(np.maximum(ext, 0), axis=-1) >= MIN_SHARED_PIXELS
+        ok &= np.prod(np.maximum(ext, 0), axis=-1) >= self.min_shared[:, None]
         ok &= np.all(shifts >= self.s_lo[:, None, :], axis=-1)
         return ok & np.all(shifts <= self.s_hi[:, None, :], axis=-1)
 
@@ -284,7 +290,10 @@ def quadratic_peak(batch: Batch, s_int: np.ndarray, conf: np.ndarray) -> np.ndar
     ok = np.all(np.isfinite(values), axis=1)
     if not ok.any():
         return frac
-    coef = np.linalg.lstsq(design, values[ok].T, rcond=None)[0].T  # (n_ok, terms)
+    # scale-out: the same numbers whatever else is in the batch (lstsq with many right-hand
+    # sides rounds differently with their count), so that pairs measured in batches on
+    # several workers give the local result bit for bit (gpufusion.registration.distributed)
+    coef = np.einsum("pk,tk->pt", values[ok], np.linalg.pinv(design))  # (n_ok, terms)
     grad = coef[:, 1 : 1 + d]
     hess = np.zeros((len(coef), d, d))
     for c, (t, q) in enumerate(pairs):

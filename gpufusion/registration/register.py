@@ -3,14 +3,22 @@
 :func:`register_mosaic` runs the whole correction of stage-position errors::
 
     candidate pairs (nominal footprints overlap)      -> pairwise.candidate_pairs
-    -> offset + confidence (NCC) per pair              -> pairwise.measure_pairs (NumPy / CuPy)
-    -> edges dropped: no match, NCC < min_ncc, |shift| > max_shift + 0.5 or at the limit
+    -> offset + confidence (NCC) per pair              -> search.search_pairs
+                                                          (pairwise.measure_pairs)
+       (without max_shift: up to half a tile, binned tiles first, then full resolution;
+        pairs at the wall of their range searched again wider)
+    -> unreliable pairs searched again within the stage model of their direction
+       (the offset the reliable pairs of that direction agree on, as MIST does)
+    -> every other pair that overlaps at the preliminary solution (diagonal neighbours)
+    -> edges dropped: no match, NCC < min_ncc, beyond the search range or at its wall
     -> weighted least squares + residual rejection     -> solve.solve_positions
-    -> corrected Mosaic (``Mosaic.with_affines``), EdgeTable, quality before / after
+    -> corrected Mosaic (``Mosaic.with_affines``), EdgeTable, quality before / after,
+       advice in words (``RegistrationResult.advice``)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,15 +30,18 @@ import numpy as np
 from ..errors import InputError
 from ..layout import Mosaic, translation_affine
 from ..progress import Progress
+from ..spatial import overlapping_pairs
 from .pairwise import (
     PairMeasurements,
     candidate_pairs,
     check_max_shift,
+    default_max_shift,
     measure_pairs,
     resolve_registration_backend,
     translation_positions,
 )
 from .quality import overlap_ncc, overlapping_tile_pairs
+from .search import SearchResult, concat_measurements, replace_rows, search_pairs
 from .solve import solve_positions
 
 __all__ = ["EdgeTable", "RegistrationResult", "RegistrationWarning", "register_mosaic"]
@@ -40,6 +51,24 @@ __all__ = ["EdgeTable", "RegistrationResult", "RegistrationWarning", "register_m
 AT_LIMIT = 0.5
 #: Edge status values, in the order they are decided.
 STATUSES = ("kept", "too_small", "no_match", "low_ncc", "max_shift", "residual")
+#: Without ``max_shift``, offsets are searched up to this fraction of the tile per axis.
+AUTO_REACH = 0.5
+#: Other pairs (diagonal neighbours) join when they overlap at the preliminary solution by
+#: at least DIAGONAL_MIN px along every axis and DIAGONAL_FRACTION of the smaller tile; they
+#: are searched within DIAGONAL_REACH px of the offset that solution gives.
+DIAGONAL_MIN = 32.0
+DIAGONAL_FRACTION = 0.004
+DIAGONAL_REACH = 4.0
+#: Stage model: pairs of one direction are searched again within this many robust standard
+#: deviations (1.4826 MAD) of their reliable pairs' median correction, plus MODEL_SLACK px.
+MODEL_SIGMAS = 3.0
+MODEL_SLACK = 3.0
+#: An outlying pair takes the answer found within the model when that matches nearly as
+#: well: sparse or smooth content can match almost perfectly at a wrong, far shift where
+#: only a sliver (one bright spot, a smooth ramp) is shared. Nearly: an NCC lower by at most
+#: MODEL_NCC_MARGIN, and a mismatch ``1 - NCC`` at most twice as large (+ 0.005), so that a
+#: near-perfect match (1 - NCC ~ 0) is not traded for a merely good one.
+MODEL_NCC_MARGIN = 0.05
 
 
 class RegistrationWarning(UserWarning):
@@ -130,7 +159,11 @@ class RegistrationResult:
     backend : str
         ``numpy`` or ``cupy``.
     seconds : dict
-        Wall times: ``pairwise``, ``solve``, ``quality``, ``total``.
+        Wall times: ``read`` (reading tile windows, part of ``pairwise``), ``pairwise``,
+        ``solve``, ``quality``, ``total``.
+    advice : tuple of str
+        What the registration found out that a user acts on: the overlap the tiles really
+        have, pairs searched again wider, why pairs were dropped and what to change.
     """
 
     mosaic: Mosaic
@@ -146,6 +179,7 @@ class RegistrationResult:
     max_residual: float
     backend: str
     seconds: dict[str, float] = field(default_factory=dict)
+    advice: tuple[str, ...] = ()
 
     @property
     def corrections(self) -> np.ndarray:
@@ -219,6 +253,7 @@ def register_mosaic(
     quality: bool = True,
     algorithm: str = "auto",
     progress: bool = False,
+    diagonals: bool = True,
 ) -> RegistrationResult:
     """Correct stage-position errors of a translation-only mosaic.
 
@@ -228,9 +263,10 @@ def register_mosaic(
         Tiles at their nominal (stage) positions; 2D or 3D, translations only.
     max_shift : float or sequence of float, optional
         Largest expected error of a neighbouring pair's offset, in pixels (one value, or one
-        per axis in index order). Per-tile stage errors of up to ``E`` px give pair errors
-        of up to ``2 E``. Default: 10 % of the tile size along each axis. 0 keeps the
-        nominal positions (the edges are only scored).
+        per axis in index order): an upper bound of the search. Per-tile stage errors of up
+        to ``E`` px give pair errors of up to ``2 E``. Default: none given, the layout is
+        found by itself: offsets up to half a tile (binned tiles first), a wrong nominal
+        overlap included. 0 keeps the nominal positions (the edges are only scored).
     backend : {"auto", "numpy", "cupy"}
         ``auto`` uses the GPU when CuPy finds one.
     min_ncc : float
@@ -243,14 +279,20 @@ def register_mosaic(
         group of registered tiles).
     pairs : ndarray of int (m, 2), optional
         Pairs to register (default: :func:`~gpufusion.registration.candidate_pairs` with
-        ``max_shift``).
+        ``max_shift``, or 10 % of the tile without it); other pairs that overlap at the
+        preliminary solution (diagonal neighbours) join them (see ``diagonals``).
     quality : bool
         Compute the mean overlap NCC before and after (reads the overlaps once more).
     algorithm : {"auto", "slices", "batched"}
         See :func:`~gpufusion.registration.measure_pairs`.
     progress : bool
-        Show one line per stage on stderr: ``registering pairs`` (pairs done/total, rate,
-        ETA), ``solving positions``, ``scoring overlaps`` (:mod:`gpufusion.progress`).
+        Show one line per stage on stderr: ``registering pairs`` (pair measurements
+        done/total, rate, ETA; every pass counted: binned, full resolution, wider, within
+        the stage model, diagonal pairs), ``solving positions``, ``scoring overlaps``
+        (:mod:`gpufusion.progress`).
+    diagonals : bool
+        Also measure the pairs that overlap at the preliminary solution but were not
+        candidates (diagonal neighbours), weighted by their overlap and NCC like every edge.
 
     Returns
     -------
@@ -277,7 +319,8 @@ def register_mosaic(
     t0 = time.perf_counter()
     nominal = translation_positions(mosaic)
     n, d = nominal.shape
-    ms = check_max_shift(max_shift, mosaic)
+    auto = max_shift is None
+    bound = auto_reach(mosaic) if auto else check_max_shift(max_shift, mosaic)
     name = resolve_registration_backend(backend)
     if not (np.isfinite(min_ncc) and -1 <= min_ncc <= 1):
         raise InputError(f"min_ncc: expected a number in [-1, 1], got {min_ncc}")
@@ -286,10 +329,28 @@ def register_mosaic(
     if anchor is not None and not 0 <= anchor < n:
         raise InputError(f"anchor: tile index {anchor} outside [0, {n})")
     if pairs is None:
-        pairs = candidate_pairs(mosaic, max_shift=ms)
-    meas = measure_pairs(mosaic, pairs, max_shift=ms, backend=name, algorithm=algorithm,
-                         progress=progress)
-    status = _classify(meas, ms, min_ncc)
+        pairs = candidate_pairs(mosaic, max_shift=default_max_shift(mosaic) if auto else bound)
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    notes: list[str] = []
+    # one progress line for every pass (its total grows as passes are added)
+    with Progress("registering pairs", unit="pairs", enabled=progress) as bar:
+        opts = {"backend": name, "algorithm": algorithm, "progress": bar if progress else False}
+        if len(pairs) == 0 or not np.any(bound > 0):  # nothing to search: score the nominal
+            meas = measure_pairs(mosaic, pairs, max_shift=bound, **opts)
+            found = SearchResult(meas, meas.nominal.copy(),
+                                 np.broadcast_to(bound, (len(pairs), d)).copy(),
+                                 np.zeros(len(pairs), bool))
+        else:
+            if auto and diagonals:  # corner pairs: measured once the side pairs place tiles
+                pairs = pairs[~_corner_pairs(mosaic, pairs, nominal)]
+            found = search_pairs(mosaic, pairs, np.broadcast_to(bound, (len(pairs), d)),
+                                 bound, **opts)
+            found = _model_search(mosaic, found, bound, min_ncc, notes, opts)
+            if diagonals:
+                found = _add_diagonals(mosaic, found, bound, min_ncc, max_residual, anchor,
+                                       opts)
+    meas = found.meas
+    status = _classify(meas, found.center, found.reach, min_ncc)
     pairs = meas.pairs
     m = len(pairs)
     weight = edge_weights(meas.ncc, _overlap_pixels(meas.offset, mosaic.tile_shapes, pairs))
@@ -316,25 +377,172 @@ def register_mosaic(
     detached = np.setdiff1d(solved.unplaced, unregistered)
     edges = EdgeTable(pairs, meas.nominal, meas.shift, meas.ncc, weight, solved.residual,
                       status.astype(str))
-    seconds = {"pairwise": meas.seconds, "solve": t2 - t1, "quality": t3 - t2,
-               "total": time.perf_counter() - t0}
+    seconds = {"read": meas.read_seconds, "pairwise": meas.seconds, "solve": t2 - t1,
+               "quality": t3 - t2, "total": time.perf_counter() - t0}
+    advice = _advice(mosaic, found, edges, bound, auto, min_ncc, max_residual, notes)
     result = RegistrationResult(new, positions, nominal, edges, unregistered, detached,
-                                solved.anchor, before, after, ms, float(max_residual), name,
-                                seconds)
+                                solved.anchor, before, after, bound, float(max_residual), name,
+                                seconds, tuple(advice))
     _warn(result, n)
     return result
 
 
-def _classify(meas: PairMeasurements, max_shift: np.ndarray, min_ncc: float) -> np.ndarray:
+def auto_reach(mosaic: Mosaic) -> np.ndarray:
+    """The search range without ``max_shift``: half the smallest tile along each axis.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpufusion import mosaic_from_positions
+    >>> auto_reach(mosaic_from_positions([np.zeros((20, 301))] * 2, [(0, 0), (0, 270)]))
+    array([ 10., 150.])
+    """
+    return np.maximum(np.floor(AUTO_REACH * mosaic.tile_shapes.min(axis=0)), 1.0)
+
+
+def _reliable(meas: PairMeasurements, min_ncc: float) -> np.ndarray:
+    return np.isfinite(meas.ncc) & (meas.ncc >= min_ncc) & ~meas.at_limit
+
+
+def _directions(nominal: np.ndarray, tile: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray]:
+    """Direction class of every pair from its nominal offset: per axis -1, 0 or +1 (apart
+    by more than a quarter tile or not), signs flipped so that the first non-zero one is
+    +1 (a pair listed the other way round belongs to the same class).
+
+    Returns the class label (m,), the flip (m,) (+1 or -1) and the class directions (k, d).
+    """
+    q = np.where(np.abs(nominal) > 0.25 * tile, np.sign(nominal), 0.0)
+    first = q[np.arange(len(q)), np.argmax(q != 0, axis=1)] if len(q) else np.zeros(0)
+    flip = np.where(first < 0, -1.0, 1.0)
+    keys, label = np.unique(q * flip[:, None], axis=0, return_inverse=True)
+    return label.reshape(-1), flip, keys
+
+
+def _corner_pairs(mosaic: Mosaic, pairs: np.ndarray, nominal: np.ndarray) -> np.ndarray:
+    """Pairs apart along more than one axis (diagonal neighbours) whose tiles both have a
+    side neighbour: a wide search of their small corner is unreliable, and the diagonal
+    step measures them at the side pairs' solution."""
+    tile = mosaic.tile_shapes.min(axis=0).astype(np.float64)
+    sep = np.abs(nominal[pairs[:, 1]] - nominal[pairs[:, 0]]) > 0.25 * tile
+    corner = np.sum(sep, axis=1) > 1
+    sided = np.zeros(len(nominal), dtype=bool)
+    sided[pairs[~corner].ravel()] = True
+    return corner & sided[pairs[:, 0]] & sided[pairs[:, 1]]
+
+
+def _model_search(mosaic: Mosaic, found: SearchResult, bound: np.ndarray, min_ncc: float,
+                  notes: list[str], opts: dict) -> SearchResult:
+    """Search the unreliable and the outlying pairs again within the stage model of their
+    direction.
+
+    The model of a direction (as MIST's, Chalfoun et al. 2017, Sci. Rep. 7:4988): the
+    median correction of its reliable pairs, and their spread (1.4826 MAD) as the stage
+    repeatability. A pair without a reliable match, or whose correction lies farther than
+    ``MODEL_SIGMAS`` spreads (+ ``MODEL_SLACK`` px) from that median, is searched again
+    within that distance of it. The new answer replaces an unreliable one when it is
+    reliable, an outlying one when it also matches nearly as well (see
+    ``MODEL_NCC_MARGIN``).
+    """
+    meas = found.meas
+    tile = mosaic.tile_shapes.min(axis=0).astype(np.float64)
+    label, flip, _ = _directions(meas.nominal, tile)
+    good = _reliable(meas, min_ncc)
+    center = np.zeros_like(meas.nominal)
+    reach = np.zeros_like(meas.nominal)
+    redo = np.zeros(len(meas), dtype=bool)
+    for k in np.unique(label):
+        members = label == k
+        ref = members & good
+        if not ref.any():
+            continue
+        corr = meas.shift[ref] * flip[ref, None]
+        med = np.median(corr, axis=0)
+        spread = 1.4826 * np.median(np.abs(corr - med), axis=0) if ref.sum() >= 3 else 0.0
+        width = np.minimum(MODEL_SIGMAS * spread + MODEL_SLACK, bound)
+        off = np.abs(meas.shift * flip[:, None] - med) > width
+        todo = members & (~good | np.any(off, axis=1)) & (meas.window[:, 0] > 0)
+        center[todo] = meas.nominal[todo] + flip[todo, None] * med
+        reach[todo] = width
+        redo |= todo
+    if not redo.any():
+        return found
+    idx = np.flatnonzero(redo)
+    again = search_pairs(mosaic, meas.pairs[idx], reach[idx], bound, center=center[idx],
+                         **opts)
+    was_good = good[idx]
+    new, old = again.meas.ncc, meas.ncc[idx]
+    close = (new >= old - MODEL_NCC_MARGIN) & (1.0 - new <= 2.0 * (1.0 - old) + 0.005)
+    better = _reliable(again.meas, min_ncc) & (~was_good | close)
+    notes.append(f"{len(idx)} pairs without a reliable match, or far from the offset the "
+                 "other pairs of their direction agree on, were searched again around that "
+                 f"offset; {int(better.sum())} matched better there")
+    take = idx[better]
+    meas = replace_rows(meas, take, _rows(again.meas, better))
+    meas = dataclasses.replace(meas, seconds=meas.seconds + again.meas.seconds,
+                               read_seconds=meas.read_seconds + again.meas.read_seconds)
+    c, r, w = found.center.copy(), found.reach.copy(), found.widened.copy()
+    c[take], r[take] = again.center[better], again.reach[better]
+    w[take] |= again.widened[better]
+    return SearchResult(meas, c, r, w)
+
+
+def _rows(meas: PairMeasurements, keep: np.ndarray) -> PairMeasurements:
+    """The rows ``keep`` of ``meas``."""
+    names = ("pairs", "nominal", "shift", "ncc", "peak", "window", "at_limit")
+    return dataclasses.replace(meas, **{k: getattr(meas, k)[keep] for k in names})
+
+
+def _add_diagonals(mosaic: Mosaic, found: SearchResult, bound: np.ndarray, min_ncc: float,
+                   max_residual: float, anchor: int | None, opts: dict) -> SearchResult:
+    """Measure the other pairs that overlap at the preliminary solution (diagonal
+    neighbours), within ``DIAGONAL_REACH`` px of the offset it gives, and append them."""
+    meas = found.meas
+    nominal = translation_positions(mosaic)
+    usable = _classify(meas, found.center, found.reach, min_ncc) == "kept"
+    if not usable.any():
+        return found
+    weight = edge_weights(meas.ncc, _overlap_pixels(meas.offset, mosaic.tile_shapes,
+                                                    meas.pairs))
+    pre = solve_positions(nominal, meas.pairs, meas.offset, weight, usable=usable,
+                          max_residual=max_residual, anchor=anchor)
+    shapes = mosaic.tile_shapes.astype(np.float64)
+    extra = overlapping_pairs(pre.positions, pre.positions + shapes - 1.0, DIAGONAL_MIN)
+    if len(extra) == 0:
+        return found
+    placed = np.ones(len(nominal), dtype=bool)
+    placed[pre.unplaced] = False
+    known = {(int(i), int(j)) for i, j in meas.pairs}
+    i, j = extra[:, 0], extra[:, 1]
+    ext = (np.minimum(pre.positions[i] + shapes[i], pre.positions[j] + shapes[j])
+           - np.maximum(pre.positions[i], pre.positions[j]))
+    smaller = np.minimum(np.prod(shapes[i], axis=1), np.prod(shapes[j], axis=1))
+    keep = (placed[i] & placed[j] & (np.prod(ext, axis=1) >= DIAGONAL_FRACTION * smaller)
+            & np.array([(int(a), int(b)) not in known for a, b in extra]))
+    extra = extra[keep]
+    if len(extra) == 0:
+        return found
+    center = pre.positions[extra[:, 1]] - pre.positions[extra[:, 0]]
+    reach = np.broadcast_to(np.minimum(DIAGONAL_REACH, bound), center.shape).copy()
+    diag = measure_pairs(mosaic, extra, max_shift=reach, expected=center,
+                         label="registering diagonal pairs", **opts)
+    return SearchResult(concat_measurements([meas, diag]),
+                        np.concatenate([found.center, center]),
+                        np.concatenate([found.reach, reach]),
+                        np.concatenate([found.widened, np.zeros(len(extra), bool)]))
+
+
+def _classify(meas: PairMeasurements, center: np.ndarray, reach: np.ndarray,
+              min_ncc: float) -> np.ndarray:
     """Status of every measured pair before the solve (``kept`` or why not)."""
     status = np.full(len(meas), "kept", dtype=object)
     status[meas.window[:, 0] == 0] = "too_small"
     status[(status == "kept") & ~np.isfinite(meas.ncc)] = "no_match"
     status[(status == "kept") & (meas.ncc < min_ncc)] = "low_ncc"
-    # A true shift within max_shift is measured within max_shift + ~0.1 px; one beyond the
-    # search range (max_shift + 2 px) leaves the best match on its wall.
-    beyond = meas.at_limit | np.any(np.abs(np.nan_to_num(meas.shift)) > max_shift + AT_LIMIT,
-                                    axis=1)
+    # A true offset within the search range is measured within it + ~0.1 px; one beyond the
+    # range (reach + 2 px) leaves the best match on its wall.
+    off = np.abs(np.nan_to_num(meas.offset - center))
+    beyond = meas.at_limit | np.any(off > reach + AT_LIMIT, axis=1)
     status[(status == "kept") & beyond] = "max_shift"
     return status
 
@@ -386,3 +594,75 @@ def _warn(result: RegistrationResult, n: int) -> None:
                 "neighbours") if len(result.unregistered) or len(result.detached) else ""
         warnings.warn(f"registration: {'; '.join(parts)}{tail}",
                       RegistrationWarning, stacklevel=3)
+
+
+def _axis_name(ax: int, ndim: int) -> str:
+    return "zyx"[3 - ndim + ax]
+
+
+def _advice(mosaic: Mosaic, found: SearchResult, edges: EdgeTable, bound: np.ndarray,
+            auto: bool, min_ncc: float, max_residual: float, notes: list[str]) -> list[str]:
+    """Sentences a user acts on: the overlap found, retries, why pairs were dropped."""
+    out: list[str] = []
+    meas = found.meas
+    if len(meas) == 0:
+        return out
+    tile = mosaic.tile_shapes.min(axis=0).astype(np.float64)
+    d = len(tile)
+    label, _, keys = _directions(meas.nominal, tile)
+    kept = edges.status == "kept"
+    for k, key in enumerate(keys):  # side neighbours along one axis: the overlap they have
+        if np.count_nonzero(key) != 1:
+            continue
+        ax = int(np.flatnonzero(key)[0])
+        sel = (label == k) & kept
+        if not sel.any():
+            continue
+        nom = 1.0 - float(np.median(np.abs(meas.nominal[sel, ax]))) / tile[ax]
+        true = 1.0 - float(np.median(np.abs(meas.offset[sel, ax]))) / tile[ax]
+        # a systematic difference (all pairs alike), not random stage errors
+        corr = np.abs(meas.offset[sel, ax]) - np.abs(meas.nominal[sel, ax])
+        spread = 1.4826 * float(np.median(np.abs(corr - np.median(corr))))
+        if (abs(true - nom) >= 0.02 and abs(true - nom) * tile[ax] >= 4.0
+                and abs(float(np.median(corr))) > 3.0 * spread):
+            out.append(f"the nominal overlap along {_axis_name(ax, d)} looks like {true:.0%}, "
+                       f"not {nom:.0%}: for a --grid input use --overlap {true:.2f}")
+    widened = int(found.widened.sum())
+    if widened:
+        reach = ", ".join(f"{v:g}" for v in found.reach[found.widened].max(axis=0)[::-1])
+        out.append(f"stage errors look larger than the first search range: {widened} pairs "
+                   f"matched at its edge and were searched again with up to {reach} px "
+                   "(x,y[,z])")
+    out.extend(notes)
+    counts = edges.counts()
+    ms = ", ".join(f"{v:g}" for v in bound[::-1])
+    if counts.get("max_shift"):
+        if auto:
+            out.append(f"{counts['max_shift']} pairs matched best at the edge of the search "
+                       f"range (up to {ms} px, half a tile) and were dropped: their tiles may "
+                       "not overlap at all")
+        else:
+            out.append(f"{counts['max_shift']} pairs matched best at or beyond --max-shift "
+                       f"({ms} px) and were dropped: the stage error looks larger; give a "
+                       "larger --max-shift, or none to search up to half a tile")
+    if counts.get("low_ncc"):
+        out.append(f"{counts['low_ncc']} pairs matched poorly (overlap NCC below --min-ncc "
+                   f"{min_ncc:g}) and were dropped: little structure in the overlap "
+                   "(background, blur), or tiles that do not overlap where their positions say")
+    if counts.get("no_match"):
+        out.append(f"{counts['no_match']} pairs had nothing to match (a blank or constant "
+                   "overlap) and were dropped")
+    if counts.get("too_small"):
+        out.append(f"{counts['too_small']} pairs overlap by too few pixels to correlate")
+    residual = edges.status == "residual"
+    corner = np.sum(np.abs(meas.nominal) > 0.25 * tile, axis=1) > 1
+    if np.any(residual & corner):
+        out.append(f"{int(np.sum(residual & corner))} corner (diagonal) pairs disagreed with "
+                   f"the side pairs by more than --max-residual {max_residual:g} px and were "
+                   "left out: lens distortion bends the tile corners, or the corner holds "
+                   "too little to match")
+    if np.any(residual & ~corner):
+        out.append(f"{int(np.sum(residual & ~corner))} pairs disagreed with the others by "
+                   f"more than --max-residual {max_residual:g} px and were left out (a false "
+                   "match, or lens distortion); a larger --max-residual keeps them")
+    return out

@@ -188,6 +188,12 @@ def summary_lines(result: RegistrationResult) -> list[str]:
                      f"{result.mean_ncc_after:.3f} after")
     if len(result.unregistered):
         lines.append(f"tiles without a reliable edge: {len(result.unregistered)}")
+    sec = result.seconds
+    if "pairwise" in sec:  # per stage; reading the tiles is part of the pairwise stage
+        lines.append(f"time: pairwise {sec['pairwise']:.2f} s (reading tiles "
+                     f"{sec.get('read', 0.0):.2f} s), solve {sec.get('solve', 0.0):.2f} s, "
+                     f"quality {sec.get('quality', 0.0):.2f} s")
+    lines.extend(f"note: {text}" for text in getattr(result, "advice", ()))
     return lines
 
 

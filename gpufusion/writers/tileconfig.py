@@ -11,10 +11,21 @@ also writes ``TileConfiguration.registered.txt`` after its own registration::
     tile_1.tif; ; (921.0000, 3.5000)
 
 ``dim = 2`` or ``dim = 3``, then one line per tile: the file name, an empty series field and
-the position of the tile's pixel ``(0, 0[, 0])`` in pixels, ``x`` (columns) first. File names
-are relative to the configuration file's folder, as Fiji reads them (it joins them to that
-folder), with ``/`` separators; ``..`` steps out of it. Lines starting with ``#`` are
-comments. :func:`gpufusion.readers.positions.read_tile_configuration` reads it back.
+the position of the tile's pixel ``(0, 0[, 0])`` in pixels, ``x`` (columns) first, with a
+decimal point (never the locale's comma). File names are relative to the configuration
+file's folder, as Fiji reads them (it joins them to that folder), with ``/`` separators;
+``..`` steps out of it. Lines starting with ``#`` are comments.
+:func:`gpufusion.readers.positions.read_tile_configuration` reads it back.
+
+What Fiji's reader (``Stitching_Grid.getLayoutFromFile``) does with each trimmed line, and
+so what this writer avoids: a line starting with ``#``, or of 3 characters or fewer, is
+skipped; one starting with ``dim`` (or ``multiseries``, in newer versions) is a header line,
+``dim = n``, whatever follows; any other line is split at ``;`` into exactly three fields,
+the third ``(x, y[, z])`` split at ``,`` into ``dim`` numbers read as 32-bit floats (so
+about 7 significant digits are used: 4 decimals are plenty); the image is
+``new File(folder, name)``, so a name must be relative (an absolute one is appended to the
+folder). Names that start with ``dim``, ``multiseries`` or ``#``, hold a ``;`` or a line
+break, have surrounding blanks or are absolute are refused.
 
 A configuration lists one file per tile, so it holds one channel (Fiji tiles hold their
 channels in the file); multi-channel tile sets with one file per channel go into a positions
@@ -34,9 +45,11 @@ from gpufusion.errors import InputError
 __all__ = ["tile_configuration_name", "write_tile_configuration"]
 
 _AXES = ("x", "y", "z")
-# a name Fiji and our reader would take for something else: a comment, a 'dim' line, a
-# field separator, surrounding blanks that both strip, a line break
+# a name Fiji or our reader would take for something else: a comment, a header line (Fiji:
+# any line starting with 'dim' or 'multiseries'), a field separator, surrounding blanks that
+# both strip, a line break
 _UNSAFE_NAME = re.compile(r"^#|^dim\s*=|[;\r\n]|^\s|\s$", re.IGNORECASE)
+_FIJI_HEADER = re.compile(r"^(dim|multiseries)")  # Java's startsWith: case-sensitive
 
 
 def tile_configuration_name(file: str | os.PathLike[str], folder: Path) -> str:
@@ -126,10 +139,15 @@ def write_tile_configuration(path: str | os.PathLike[str], positions: Sequence[S
     lines.append("# Define the image coordinates")
     for file, row in zip(files, rows, strict=True):
         name = tile_configuration_name(file, folder)
-        if _UNSAFE_NAME.search(name):
+        if _UNSAFE_NAME.search(name) or _FIJI_HEADER.match(name):
             raise InputError(f"{out}: tile file {name!r} cannot be listed in a TileConfiguration "
-                             "(a ';' or line break, a leading '#' or surrounding blanks); "
-                             "write a .csv instead")
+                             "(a ';' or line break, a leading '#', 'dim' or 'multiseries', "
+                             "which Fiji reads as a header, or surrounding blanks); write a "
+                             ".csv instead")
+        if Path(name).is_absolute() or re.match(r"[A-Za-z]:[/\\]", name):
+            raise InputError(f"{out}: tile file {name!r} is on another drive, and Fiji reads "
+                             "the names relative to the configuration's folder; write the "
+                             "configuration on the tiles' drive")
         if not all(math.isfinite(v) for v in row):
             raise InputError(f"{out}: tile {name!r} has no finite position {row}")
         coords = ", ".join(f"{round(v, 4) + 0.0:.4f}" for v in row[::-1])  # no "-0.0000"
