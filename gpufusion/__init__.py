@@ -42,10 +42,12 @@ _LAZY = {
     "Mosaic": "layout",
     "RegistrationResult": "registration",
     "Tile": "layout",
+    "correct_mosaic": "correction",
     "fuse": "fuse",
     "fuse_to_file": "pipeline",
     "fuse_to_ome_zarr": "pipeline",
     "make_mosaic": "synthetic",
+    "match_intensities": "intensity",
     "mosaic_from_affines": "layout",
     "mosaic_from_file": "readers",
     "mosaic_from_positions": "layout",
@@ -58,12 +60,15 @@ _LAZY = {
 #: Submodules, reachable as attributes after a plain ``import gpufusion`` (imported on first
 #: access, as they were when this module imported them all).
 _SUBMODULES = frozenset({
-    "backends", "bench", "blend", "cli", "cluster", "errors", "layout", "pipeline", "plan",
+    "backends", "bench", "blend", "cli", "cluster", "errors", "intensity", "layout",
+    "pipeline", "plan",
     "pyramid", "readers", "registration", "sources", "spatial", "synthetic", "writers",
 })
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .correction import correct_mosaic
     from .fuse import fuse
+    from .intensity import match_intensities
     from .layout import Mosaic, Tile, mosaic_from_affines, mosaic_from_positions
     from .pipeline import FuseResult, fuse_to_file, fuse_to_ome_zarr
     from .plan import FusionPlan, plan_fusion
@@ -113,10 +118,12 @@ __all__ = [
     "RegistrationResult",
     "Tile",
     "__version__",
+    "correct_mosaic",
     "fuse",
     "fuse_to_file",
     "fuse_to_ome_zarr",
     "make_mosaic",
+    "match_intensities",
     "mosaic_from_affines",
     "mosaic_from_file",
     "mosaic_from_positions",

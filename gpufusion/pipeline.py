@@ -113,6 +113,7 @@ def fuse_to_file(
     provenance: dict[str, Any] | None = None,
     shard: int | str | None = "auto",
     resume: bool = False,
+    rgb: bool = False,
 ) -> FuseResult:
     """Fuse ``mosaic`` and write it to ``out`` as OME-Zarr or pyramidal OME-TIFF.
 
@@ -178,6 +179,11 @@ def fuse_to_file(
         uninterrupted run. Refused (:class:`InputError` naming what changed) when the tile
         files (paths, sizes, modification times), the positions or the options differ
         (tiles held in memory are compared by name, shape and position only).
+    rgb : bool
+        The three channels are the R, G, B samples of colour tiles (``TileSet.rgb``, see
+        :mod:`gpufusion.readers.rgb`): OME-Zarr channels coloured red, green, blue (named
+        R, G, B unless ``channel_names`` says otherwise); OME-TIFF written as interleaved RGB
+        (Photometric RGB, ``SamplesPerPixel=3``) at every level. Needs exactly 3 channels.
 
     The pixel size and unit are the mosaic's (:attr:`Mosaic.pixel_size
     <gpufusion.layout.Mosaic>`); when it has none, none is written: no ``PhysicalSize`` in
@@ -205,6 +211,14 @@ def fuse_to_file(
     grid, lead = _as_time_channel_grid(mosaic)
     first = grid[0][0]
     channel_names = _check_channel_names(channel_names, len(grid[0]))
+    colour: dict[str, Any] = {}
+    if rgb:
+        from .readers.rgb import RGB_CHANNELS, RGB_COLORS
+
+        if len(grid[0]) != 3:
+            raise InputError(f"rgb: needs 3 channels (R, G, B), got {len(grid[0])}")
+        channel_names = channel_names or list(RGB_CHANNELS)
+        colour = {"rgb": True} if is_tiff_path(out) else {"channel_colors": list(RGB_COLORS)}
     image_name = _image_name(name, out)
     on_workers = _is_cluster_client(scheduler)
     if on_workers:
@@ -241,7 +255,7 @@ def fuse_to_file(
         "chunks": chunks, "blend": blend, "blend_width": blend_width,
         "interpolation": interpolation, "dtype": None if dtype is None else str(dtype),
         "backend": name, "allow_sparse": allow_sparse,
-        **({} if shard is None else {"shard": shard}),
+        **({} if shard is None else {"shard": shard}), **({"rgb": True} if rgb else {}),
         "compression": compressor, **({} if tiff else {"ngff_version": ngff_version})})
     common = {"axes": axes, "pixel_size": pixel if known else None,
               "unit": first.unit if known else None, "overwrite": overwrite,
@@ -256,14 +270,14 @@ def fuse_to_file(
                 image = image.map_blocks(to_host, dtype=image.dtype,
                                          meta=np.empty((0,) * image.ndim, image.dtype))
             write_ome_tiff(image, out, compression=compressor,
-                           origin=origin if known else None, **common)
+                           origin=origin if known else None, **colour, **common)
         else:
             write_ome_zarr(image, out, ngff_version=ngff_version, chunks=out_chunks,
                            origin=origin,
                            compressor=compressor, shard=shard,
                            resume=_resume_fingerprint(grid, record) if resume else None,
                            anisotropic_pyramid=first.pixel_size is not None,
-                           **_zarr_pyramid_options(name), **common)
+                           **_zarr_pyramid_options(name), **colour, **common)
     except OSError as exc:  # the writers have removed their temporary output by now
         if exc.errno not in NO_SPACE_ERRNOS:
             raise
@@ -330,7 +344,9 @@ def _resume_fingerprint(grid: list[list[Mosaic]], record: dict[str, Any]) -> dic
                 positions[key] = {"affine": np.asarray(tile.affine, float).tolist(),
                                   "shape": list(tile.shape)}
     return {"inputs": inputs, "positions": positions,
-            "options": dict(record["parameters"])}
+            "options": {**record["parameters"],
+                        **({"correction": record["correction"]} if "correction" in record
+                           else {})}}
 
 
 def _check_channel_names(names: Sequence[str] | None, n: int) -> list[str] | None:
@@ -392,6 +408,11 @@ def _provenance(grid: list[list[Mosaic]], lead: tuple[str, ...], extra: dict[str
         "timepoints": len(grid) if "t" in lead else 1,
         "tile_folder": folder,
     }
+    from .correction import mosaic_corrections
+
+    corrections = mosaic_corrections(first)  # flat-field, dark-field, gains: what and whence
+    if corrections:
+        record["correction"] = corrections
     if extra:
         record |= dict(extra)
     return record

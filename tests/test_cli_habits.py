@@ -43,6 +43,7 @@ MINIMAL = {
     "register": ["pos.csv", "-o", "reg.csv"],
     "info": ["slide.ome.zarr"],
     "bench": [],
+    "flatfield": ["pos.csv", "-o", "profiles.tif"],
 }
 
 

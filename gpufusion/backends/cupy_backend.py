@@ -234,8 +234,25 @@ class CupyBackend:
         return self._cp.empty((0,) * ndim, dtype=dtype)
 
     def fuse_task(self, task: Any, params: FusionParams, algorithm: str = "auto") -> Any:
-        """Fuse one :class:`~gpufusion.fuse.ChunkTask` into a ``cupy.ndarray`` block."""
+        """Fuse one :class:`~gpufusion.fuse.ChunkTask` into a ``cupy.ndarray`` block.
+
+        Tiles corrected as they are read (:mod:`gpufusion.correction`: flat-field,
+        dark-field, gains) are uploaded raw and corrected on the device, on this thread's
+        stream, before the windows are packed on the device (:meth:`fuse_device_windows`).
+        """
+        from ..correction import device_corrected_windows, is_corrected
+
         t0 = time.perf_counter()
+        if is_corrected(task.sources):
+            stream = self._stream()
+            with stream:
+                profiles = self._local.__dict__.setdefault("profiles", {})
+                windows = device_corrected_windows(task, self._cp, profiles)
+                self.times.add(read_s=time.perf_counter() - t0)
+                out = self.fuse_device_windows(windows, task.table, params, algorithm)
+            if not in_task_scope():
+                stream.synchronize()
+            return out
         windows = task.read_windows()
         self.times.add(read_s=time.perf_counter() - t0)
         return self.fuse_windows(windows, task.table, params, algorithm)

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import InputError
 
-COMMANDS = ("demo", "fuse", "register", "info", "bench")
+COMMANDS = ("demo", "fuse", "register", "info", "bench", "flatfield")
 
 #: Destinations of :func:`common_options`.
 COMMON_DESTS = ("quiet", "debug")

@@ -12,7 +12,16 @@ from ..errors import InputError
 from ..pipeline import FuseResult
 from ..writers.target import check_not_input, leftovers_notice, recover_interrupted
 from . import common_options, help_texts, notice, show_progress
+from .flatfield import add_flatfield_options, correct_channels
 from .inputs import INPUT_HELP, add_input_options
+from .intensity import (
+    add_intensity_options,
+    intensity_lines,
+    intensity_record,
+    intensity_report_output,
+    match_tile_intensities,
+    write_intensity_report,
+)
 from .metadata import add_metadata_options, image_name, provenance, read_tilesets
 from .register import (
     add_registration_options,
@@ -143,6 +152,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "otherwise: usually a mistyped position)")
     p.add_argument("--register", action="store_true",
                    help="correct the positions by registration before fusing")
+    add_intensity_options(p)  # --intensity-match, --intensity-offset
     p.add_argument("--shard", type=int, default=None, metavar="N",
                    help="OME-Zarr with --ngff 0.5: Zarr v3 shards of N pixels per spatial "
                         "axis (a multiple of --chunk), each written whole by one task; "
@@ -154,6 +164,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "written are fused); refused if the tiles, positions or options "
                         "changed")
     add_registration_options(p)
+    add_flatfield_options(p)  # --flatfield, --darkfield
     p.set_defaults(run=run)
 
 
@@ -173,27 +184,37 @@ def run(args: argparse.Namespace) -> int:
     inputs = [Path(args.input), *input_files(*timepoints)]
     check_not_input(out, inputs)  # every tile file, plane file and container: before work
     reports = fuse_report_outputs(args, len(timepoints)) if args.register else []
-    check_outputs(reports, inputs, args.overwrite)
+    gains_table = intensity_report_output(args) if reports else []
+    check_outputs(reports + gains_table, inputs, args.overwrite)
     for report in reports:
         if out.resolve() in (report.resolve(), *report.resolve().parents):
             raise InputError(f"--report {report}: is inside the output {out}; write it "
                              "elsewhere")
+    # --flatfield/--darkfield: profiles made (or refused) once for every time point, before
+    # any backend or cluster is set up, so a bad profile is the run's one line of output
+    profiles: dict = {}
+    corrected = [correct_channels(args, tileset.mosaics(), profiles) for tileset in timepoints]
     gpus = parse_gpus(args.gpus) if args.gpus else None
     with connect(gpus=gpus, scheduler=args.scheduler,
                  threads_per_gpu=args.threads_per_gpu) as client:
         if client is not None:
             notice(args, f"running on {client.dashboard_link or client.scheduler.address}")
-        # on a cluster the backend is the workers' (probed there); registration runs here
+        # on a cluster the backend is the workers' (probed there); so is registration's
         backend = resolve_backend_with_notice(args, client)
         if args.register:
-            reg_backend = backend if client is None else local_backend(args)
+            reg_backend = backend  # on a cluster: the workers' (they measure the pairs)
         grid = []
         registered: list = []
-        for tileset in timepoints:
-            channels = tileset.mosaics()
+        matched: list = []  # --intensity-match: one IntensityMatch per time point and channel
+        for tileset, channels in zip(timepoints, corrected, strict=True):
+            if not args.register and not grid:  # a quick look at the given positions
+                warn_if_positions_off(args, channels[0])
             if args.register:  # each time point on its own: the stage may drift between them
                 channels = register_channels(args, channels, tileset.channel_names,
-                                             reg_backend, registered)
+                                             reg_backend, registered, rgb=tileset.rgb,
+                                             client=client)
+            if args.intensity_match or args.intensity_offset:  # on flat-field corrected
+                channels = match_tile_intensities(args, channels, matched)  # tiles, registered
             grid.append(channels)
         # [t][c] for several time points, [c] for channels, or one mosaic
         single = grid[0][0] if len(grid[0]) == 1 else grid[0]
@@ -207,11 +228,16 @@ def run(args: argparse.Namespace) -> int:
         result = fuse_to_file(mosaic, out, overwrite=args.overwrite,
                               allow_sparse=args.allow_sparse, resume=args.resume,
                               shard="auto" if args.shard is None else args.shard,
-                              channel_names=tiles.channel_names, name=image_name(args),
-                              provenance=provenance(args, registered), **kwargs)
+                              channel_names=tiles.channel_names, rgb=tiles.rgb,
+                              name=image_name(args),
+                              provenance={**provenance(args, registered),
+                                          **intensity_record(matched)}, **kwargs)
     write_fuse_reports(args, reports, registered)  # only once the image is complete
+    write_intensity_report(args, gains_table, matched, tiles.channel_names)
     if not args.quiet:
         print(summary(result, tiles.n_tiles))
+        for line in intensity_lines(matched, tiles.channel_names):
+            print(line)
     return 0
 
 
@@ -303,3 +329,19 @@ def summary(result: FuseResult, n_tiles: int) -> str:
         f"in {result.seconds:.2f} s ({result.megapixels_per_second:.1f} Mpx/s, "
         f"backend {result.backend})"
     )
+
+
+def warn_if_positions_off(args: argparse.Namespace, mosaic: Any) -> None:
+    """Without ``--register``: a notice when a few overlaps show that the given positions are
+    clearly off (:func:`gpufusion.registration.quality.check_positions`; binned overlap
+    strips of a few pairs, well under a second)."""
+    if args.quiet or len(mosaic) < 2:
+        return
+    from ..registration.quality import check_positions
+
+    try:
+        check = check_positions(mosaic)
+    except InputError:  # tiles rotated or scaled: not a translation layout to check
+        return
+    if check.looks_off:
+        notice(args, f"warning: {check.message()}")

@@ -61,6 +61,23 @@ def _is_image_tiff(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(_TIFF_SUFFIXES) and is_image_tiff(path)
 
 
+def _is_rgb_tiff(path: Path) -> bool:
+    """Whether the TIFF's first image holds interleaved or planar RGB samples (3)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        return page.photometric == tifffile.PHOTOMETRIC.RGB and page.samplesperpixel == 3
+
+
+def _is_rgb_input(path: Path) -> bool:
+    """Whether an input's channels R, G, B are the samples of colour tile files (not three
+    gray channels that happen to be named so)."""
+    from ..readers.detect import read_tileset
+
+    return read_tileset(path).rgb
+
+
 def run(args: argparse.Namespace) -> int:
     from ..readers.image_info import is_ome_zarr
 
@@ -80,11 +97,22 @@ def run(args: argparse.Namespace) -> int:
     elif _is_image_tiff(path):
         from ..readers.image_info import format_ome_tiff_info, read_ome_tiff_info
 
-        print(format_ome_tiff_info(read_ome_tiff_info(path)))
+        info = read_ome_tiff_info(path)
+        rgb = _is_rgb_tiff(path)
+        if rgb:  # one OME channel of 3 interleaved samples: name the samples
+            info["channels"] = ["R", "G", "B"]
+        text = format_ome_tiff_info(info)
+        print(text.replace("  channels: 3 (R, G, B)", "  channels: 3 (R, G, B): RGB colour, "
+                           "interleaved (Photometric RGB, 3 samples per pixel)") if rgb else text)
     else:
         from ..readers.summary import describe_input, format_input_info
 
-        print(format_input_info(describe_input(path)))
+        described = describe_input(path)
+        text = format_input_info(described)
+        if described["channels"] == ["R", "G", "B"] and _is_rgb_input(path):
+            text = text.replace("channels: 3 (R, G, B)", "channels: 3 (R, G, B): RGB colour "
+                                "tiles (registered on their luminance by default)")
+        print(text)
         image = False
     if preview is not None:
         if not image:

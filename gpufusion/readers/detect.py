@@ -22,12 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
-from .images import _quiet_tifffile, open_tile
+from .images import _quiet_tifffile
 from .library_logs import TIFFFILE_LOG
 from .listing import visible_files
 from .paths import os_error_message
 from .positions import read_positions, read_positions_csv, read_tile_configuration
-from .tileset import TileSet, tileset_from_positions
+from .rgb import open_tiles
+from .tileset import TileSet
 
 __all__ = ["FORMATS", "detect_format", "list_timepoints", "read_tileset"]
 
@@ -282,15 +283,14 @@ def read_tileset(
     elif fmt in ("tileconfig", "csv"):
         reader = {"tileconfig": read_tile_configuration, "csv": read_positions_csv}[fmt]
         table = reader(p) if format is not None else read_positions(p)
-        sources = [open_tile(f) for f in table.files]
+        files = open_tiles(table.files, p)  # RGB files: three channels each
         if pixel_size is None:  # the file's comment line, else the tiles' own metadata
             from .ome_tiff import tiles_pixel_size
 
             pixel_size, unit = ((table.pixel_size, table.unit) if table.pixel_size else
                                 tiles_pixel_size(table.files, table.ndim, p))
-        result = tileset_from_positions(sources, table.positions, [str(f) for f in table.files],
-                                        p, pixel_size=pixel_size, unit=unit,
-                                        channels=table.channels)
+        result = files.tileset(table.positions, [str(f) for f in table.files], p,
+                               pixel_size=pixel_size, unit=unit, channels=table.channels)
     elif fmt == "ome-tiff":
         from .ome_tiff import read_ome_tiff
 

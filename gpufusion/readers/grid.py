@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .images import open_tile
 from .listing import is_gpufusion_output, visible_files
-from .tileset import TileSet, tileset_from_positions
+from .rgb import open_tiles
+from .tileset import TileSet
 
 __all__ = ["IMAGE_SUFFIXES", "natural_key", "parse_grid", "read_grid"]
 
@@ -234,7 +234,8 @@ def read_grid(
     else:
         cells = _files_in_order(root, rows, cols, order)
     ordered = sorted(cells.items())
-    sources = [open_tile(path) for _, path in ordered]
+    files = open_tiles([path for _, path in ordered], root)  # RGB files: three channels each
+    sources = files.first
     shape = sources[0].shape
     for (_, path), src in zip(ordered, sources, strict=True):
         if src.shape != shape:
@@ -248,5 +249,4 @@ def read_grid(
         positions[k, -2] = row * height * (1.0 - oy)
         positions[k, -1] = col * width * (1.0 - ox)
     names = [path.relative_to(root).as_posix() for _, path in ordered]
-    return tileset_from_positions(sources, positions, names, root,
-                                  pixel_size=pixel_size, unit=unit)
+    return files.tileset(positions, names, root, pixel_size=pixel_size, unit=unit)

@@ -17,7 +17,8 @@ tile); copy them before modifying. Sources hold only the path and header facts, 
 pickling one is cheap and an unpickled source reads in any process.
 
 Singleton axes (``T=1``, ``C=1``, ``Z=1`` of OME-TIFF series) are squeezed. Multichannel
-images (RGB/RGBA, TIFF samples or channels) and time series are rejected by :func:`open_tile`;
+images (RGB/RGBA, TIFF samples or channels) and time series are rejected by :func:`open_tile`
+(RGB and RGBA tiles are read as three channels by :mod:`gpufusion.readers.rgb`);
 :class:`CachedTileSource` is the base of sources decoded whole into the tile cache and
 :class:`PlanewiseSource` of sources decoded plane by plane (chosen TIFF pages in
 :mod:`gpufusion.readers.ome_tiff`, CZI sub-blocks in :mod:`gpufusion.readers.czi`).
@@ -589,30 +590,41 @@ class DecodedTileSource(CachedTileSource):
 
     def _decode(self) -> np.ndarray:
         self._check_unchanged()
-        try:
-            if self.decoder in ("tiff", "tiff-local"):
-                import tifffile
-
-                flags = {"is_ome": False} if self.decoder == "tiff-local" else {}
-                with _tifffile_checked(self.path), tifffile.TiffFile(self.path, **flags) as tif:
-                    series = tif.series[0]
-                    if int(np.prod(series.shape)) != int(np.prod(self.shape)):  # never allocate
-                        raise _fail(self.path, f"TIFF series 0 is {series.shape} now but was "
-                                    f"{self.shape} when opened; open it again")
-                    array = series.asarray()
-            else:
-                import imageio.v3 as iio
-
-                array = iio.imread(self.path, plugin="pillow")
-        except InputError:
-            raise
-        except Exception as exc:  # any decoder failure is a bad file
-            raise _fail(
-                self.path, f"cannot decode image ({type(exc).__name__}: {_one_line(exc)})"
-            ) from None
+        array = decode_image(self.path, self.decoder, int(np.prod(self.shape)), self.shape)
         if array.size != int(np.prod(self.shape)):
             raise _fail(self.path, f"decoded shape {array.shape} does not match {self.shape}")
         return np.ascontiguousarray(array.reshape(self.shape), dtype=self.dtype)
+
+
+def decode_image(path: Path, decoder: str, size: int | None = None,
+                 opened: tuple[int, ...] = ()) -> np.ndarray:
+    """Decode a whole image file: series 0 of a TIFF (``decoder`` ``tiff``, or
+    ``tiff-local`` to ignore OME metadata) or a PNG/JPEG (``pillow``).
+
+    A TIFF whose series 0 no longer holds ``size`` elements, when given (the file was
+    replaced since it was opened with shape ``opened``), is refused before anything is
+    allocated; any decoder
+    failure is an :class:`InputError` naming the file.
+    """
+    try:
+        if decoder in ("tiff", "tiff-local"):
+            import tifffile
+
+            flags = {"is_ome": False} if decoder == "tiff-local" else {}
+            with _tifffile_checked(path), tifffile.TiffFile(path, **flags) as tif:
+                series = tif.series[0]
+                if size is not None and int(np.prod(series.shape)) != size:  # never allocate
+                    raise _fail(path, f"TIFF series 0 is {series.shape} now but was "
+                                f"{opened} when opened; open it again")
+                return series.asarray()
+        import imageio.v3 as iio
+
+        return iio.imread(path, plugin="pillow")
+    except InputError:
+        raise
+    except Exception as exc:  # any decoder failure is a bad file
+        raise _fail(path, f"cannot decode image ({type(exc).__name__}: {_one_line(exc)})"
+                    ) from None
 
 
 # --- opening ------------------------------------------------------------------------------
@@ -640,13 +652,19 @@ def _squeeze_tiff_axes(path: Path, shape: tuple[int, ...], axes: str) -> tuple[i
             kept.append((axis, size))
         elif size == 1:
             continue
-        elif axis in "CS":
-            kind = "samples (RGB or similar)" if axis == "S" else "channels"
+        elif axis == "S":
             raise _fail(
                 path,
-                f"{size} {kind} in TIFF series axes {axes!r} shape {shape}: multichannel "
-                "images are not supported yet; tiles must be single-channel 2D (YX) or "
-                "3D (ZYX) images (save one file per channel)",
+                f"{size} samples per pixel in TIFF series axes {axes!r} shape {shape}: only "
+                "RGB (3) or RGBA (4) colour samples are read (as channels R, G, B); other "
+                "multi-sample tiles are not supported (save one file per channel)",
+            )
+        elif axis == "C":
+            raise _fail(
+                path,
+                f"{size} channels in TIFF series axes {axes!r} shape {shape}: multichannel "
+                "images are not supported yet as one file (only RGB colour); save one file "
+                "per channel and list them in a positions CSV with a channel column",
             )
         elif axis == "T":
             raise _fail(
@@ -779,12 +797,16 @@ def _open_pillow(path: Path, name: str, stamp: tuple[int, int], head: bytes) -> 
         raise _fail(
             path, f"multi-frame image (shape {shape}); 3D stacks are supported only as TIFF"
         )
-    if len(shape) == 3 and shape[-1] in (2, 3, 4):
-        kinds = {2: "gray+alpha", 3: "RGB", 4: "RGBA"}
+    if len(shape) == 3 and shape[-1] == 2:
+        raise _fail(path, f"gray+alpha image (shape {shape}) is not supported; save it as "
+                    "grayscale (or RGB)")
+    if len(shape) == 3 and shape[-1] in (3, 4):
         raise _fail(
             path,
-            f"{kinds[shape[-1]]} image (shape {shape}): multichannel images are not "
-            "supported yet; tiles must be single-channel (grayscale) images",
+            f"{'RGB' if shape[-1] == 3 else 'RGBA'} image (shape {shape}): multichannel "
+            "images are not supported yet by open_tile, which reads one channel; colour tiles "
+            "are read as channels R, G, B by gpufusion.readers.rgb.open_tile_channels and "
+            "read_tileset",
         )
     if len(shape) != 2:
         raise _fail(path, f"image shape {shape} not supported; expected a 2D grayscale image")

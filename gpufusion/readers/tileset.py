@@ -70,6 +70,11 @@ class TileSet:
         NGFF unit of ``pixel_size`` (e.g. ``"micrometer"``).
     source : Path
         The file or folder the tiles were read from.
+    rgb : bool
+        The channels are the R, G, B samples of colour tile files
+        (:mod:`gpufusion.readers.rgb`): written as colour (OME-TIFF interleaved RGB) and
+        registered on their luminance by default. False for everything else, three
+        fluorescence channels included.
 
     Examples
     --------
@@ -89,10 +94,14 @@ class TileSet:
     pixel_size: tuple[float, ...] | None
     unit: str | None
     source: Path
+    rgb: bool = False
 
     def __post_init__(self) -> None:
         if not self.sources or not self.sources[0]:
             raise InputError(f"{self.source}: no tiles found")
+        if self.rgb and len(self.sources) != 3:
+            raise InputError(f"{self.source}: an RGB tile set has 3 channels, not "
+                             f"{len(self.sources)}")
         n = len(self.sources[0])
         for c, channel in enumerate(self.sources):
             if len(channel) != n:
@@ -209,7 +218,7 @@ class TileSet:
         size = tuple(convert_length(p, self.unit or "micrometer", target)
                      for p in self.pixel_size)
         return TileSet(self.sources, self.affines, self.names, self.channel_names, size, target,
-                       self.source)
+                       self.source, self.rgb)
 
     def select_channel(self, channel: int | str) -> TileSet:
         """Return a TileSet holding only ``channel`` (an index or a channel name).

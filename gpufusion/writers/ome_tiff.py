@@ -381,6 +381,36 @@ def _tiles(level: zarr.Array, tile: tuple[int, int]) -> Iterator[np.ndarray]:
                 yield tiles.pop()
 
 
+def _rgb_tiles(level: zarr.Array, tile: tuple[int, int], c: int) -> Iterator[np.ndarray]:
+    """Interleaved RGB tiles ``(ty, tx, 3)`` of ``level``, whose axis ``c`` holds R, G, B,
+    in TIFF order (as :func:`_tiles`: plane by plane, row-major, a tile row read at once)."""
+    (ty, tx), (height, width) = tile, level.shape[-2:]
+    lead = level.shape[:c] + level.shape[c + 1:-2]
+    for plane in np.ndindex(lead):
+        index = (*plane[:c], slice(None), *plane[c:])
+        for y in range(0, height, ty):
+            band = np.moveaxis(level[(*index, slice(y, y + ty), slice(None))], 0, -1)
+            tiles = [band[:, x : x + tx].copy() for x in reversed(range(0, width, tx))]
+            del band
+            while tiles:
+                yield tiles.pop()
+
+
+def _rgb_metadata(geometry: _Geometry, shape: tuple[int, ...], physical: bool, origin: bool,
+                  name: str, attributes: dict[str, Any]) -> dict[str, Any]:
+    """OME metadata of an interleaved RGB image: the ``c`` axis becomes the samples ``S``
+    of one OME ``Channel`` (``SamplesPerPixel=3``), as slide scanners write it."""
+    c = geometry.axes.index("c")
+    planes = _Geometry(geometry.axes[:c] + geometry.axes[c + 1:], geometry.pixel_size,
+                       geometry.origin, geometry.unit)
+    meta = _ome_metadata(planes, shape[:c] + shape[c + 1:], physical, None, origin, name,
+                         None, attributes)
+    meta["axes"] += "S"
+    meta.pop("DimensionOrder")  # tifffile orders the samples' channel itself (XYCZT)
+    meta["Channel"] = {"Name": ["RGB"]}
+    return meta
+
+
 def _tile_count(shape: tuple[int, ...], tile: tuple[int, int]) -> int:
     planes = math.prod(shape[:-2])
     return planes * math.ceil(shape[-2] / tile[0]) * math.ceil(shape[-1] / tile[1])
@@ -394,8 +424,13 @@ def _write_tiff(
     metadata: dict[str, Any],
     physical: bool,
     progress: bool,
+    rgb_axis: int | None = None,
 ) -> None:
-    """Stream the staged ``levels`` into a BigTIFF: level 0 pages, the rest as SubIFDs."""
+    """Stream the staged ``levels`` into a BigTIFF: level 0 pages, the rest as SubIFDs.
+
+    With ``rgb_axis`` (the index of the ``c`` axis holding R, G, B) every level is written
+    as interleaved RGB: Photometric RGB, 3 samples per pixel, planar configuration contig.
+    """
     workers = int(dask.config.get("num_workers", None) or CPU_COUNT)
     ty, tx = settings.tile
     itemsize = np.dtype(levels[0].dtype).itemsize
@@ -405,15 +440,23 @@ def _write_tiff(
         for k, level in enumerate(levels):
             if k:
                 factor *= 2
+            shape, tiles, colour = level.shape, _tiles(level, settings.tile), {}
+            if rgb_axis is not None:
+                shape = (*shape[:rgb_axis], *shape[rgb_axis + 1:], 3)
+                tiles = _rgb_tiles(level, settings.tile, rgb_axis)
+                colour = {"planarconfig": "contig"}
+            samples = 3 if rgb_axis is not None else 1
+            planes = shape[:-1] if rgb_axis is not None else shape
             bar = bars.enter_context(Progress(f"writing TIFF level {k}", unit="tiles",
-                                              total=_tile_count(level.shape, settings.tile),
+                                              total=_tile_count(planes, settings.tile),
                                               enabled=progress))
             tif.write(
-                bar.iterate(_tiles(level, settings.tile)),
-                shape=level.shape,
+                bar.iterate(tiles),
+                shape=shape,
                 dtype=level.dtype,
                 tile=settings.tile,
-                photometric="minisblack",
+                photometric="rgb" if rgb_axis is not None else "minisblack",
+                **colour,
                 compression=settings.compression,
                 compressionargs=settings.compressionargs or None,
                 predictor=settings.predictor,
@@ -422,7 +465,7 @@ def _write_tiff(
                 metadata=metadata if k == 0 else None,
                 software="gpufusion" if k == 0 else False,
                 maxworkers=workers,
-                buffersize=max(workers * _TILES_PER_WORKER, 8) * ty * tx * itemsize,
+                buffersize=max(workers * _TILES_PER_WORKER, 8) * ty * tx * itemsize * samples,
                 **_resolution(geometry, physical, factor),
             )
             bar.close()
@@ -448,6 +491,7 @@ def write_ome_tiff(
     progress: bool = False,
     name: str = "gpufusion",
     scheduler: Any = None,
+    rgb: bool = False,
 ) -> Path:
     """Write ``image`` and its 2x mean ``y``/``x`` pyramid as a tiled OME-TIFF, atomically.
 
@@ -499,6 +543,12 @@ def write_ome_tiff(
     scheduler : optional
         Dask scheduler for computing and staging the levels (None: dask's default). Tiles
         are compressed by a thread pool of dask's ``num_workers`` (default: CPU count).
+    rgb : bool
+        The ``c`` axis holds R, G, B (colour tiles, :mod:`gpufusion.readers.rgb`): every
+        level is written as interleaved RGB (Photometric RGB, ``SamplesPerPixel=3``,
+        planar configuration contig; OME ``Channel SamplesPerPixel="3"`` named ``RGB``),
+        which slide viewers (QuPath, OMERO, napari-tiff) show in colour. Needs a ``c`` axis
+        of 3; ``channel_names``/``channel_colors`` are then not written.
 
     Returns
     -------
@@ -548,8 +598,16 @@ def write_ome_tiff(
     )
     plan = pyramid_factors(shape, tile_extent, geometry.axes, level_factors=_in_plane_factors)
     physical = pixel_size is not None
-    metadata = _ome_metadata(geometry, shape, physical, names, origin is not None, name,
-                             colors, extra)
+    rgb_axis = None
+    if rgb:
+        if "c" not in geometry.axes or shape[geometry.axes.index("c")] != 3:
+            raise InputError(f"rgb: needs a c axis of 3 (R, G, B); got axes "
+                             f"{list(geometry.axes)} shape {shape}")
+        rgb_axis = geometry.axes.index("c")
+        metadata = _rgb_metadata(geometry, shape, physical, origin is not None, name, extra)
+    else:
+        metadata = _ome_metadata(geometry, shape, physical, names, origin is not None, name,
+                                 colors, extra)
     with (
         _atomic_file(out, overwrite) as work,
         _scheduler_for(scheduler, image) as (sched, local),
@@ -558,7 +616,8 @@ def write_ome_tiff(
         levels = _stage_levels(
             image, plan, stage, stage_chunks, geometry.axes, sched, progress and local
         )
-        _write_tiff(work / out.name, levels, settings, geometry, metadata, physical, progress)
+        _write_tiff(work / out.name, levels, settings, geometry, metadata, physical, progress,
+                    rgb_axis)
     return out
 
 

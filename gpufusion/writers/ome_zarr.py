@@ -464,8 +464,16 @@ def channel_windows(level: Any, axes: Sequence[str]) -> list[dict[str, float]]:
 
 def _omero(names: list[str] | None, colors: list[str], windows: list[dict[str, float]],
            name: str) -> dict[str, Any]:
-    """The NGFF ``omero`` block (rendering hints napari, OMERO and others read)."""
+    """The NGFF ``omero`` block (rendering hints napari, OMERO and others read).
+
+    Channels ``R``, ``G``, ``B`` coloured red, green, blue (colour tiles,
+    :mod:`gpufusion.readers.rgb`) are shown in true colour: each window spans the whole
+    range (``start`` = ``min``, ``end`` = ``max``: the dtype's range for integers), so the
+    three channels keep their balance instead of being stretched one by one.
+    """
     labels = names if names is not None else [f"C{k}" for k in range(len(colors))]
+    if labels == ["R", "G", "B"] and colors == ["FF0000", "00FF00", "0000FF"]:
+        windows = [{**w, "start": w["min"], "end": w["max"]} for w in windows]
     return {
         "name": name,
         "channels": [
