@@ -366,6 +366,9 @@ def _plan_token(plan: FusionPlan, mosaic: Mosaic) -> str:
 
 def _fuse_block(cell: np.ndarray, *, params: FusionParams, backend: str, algorithm: str,
                 block_info: dict | None = None) -> Any:
+    from .cluster import tune_worker_malloc
+
+    tune_worker_malloc()  # on a distributed worker: glibc thresholds fit for blocks
     task: ChunkTask = cell.reshape(-1)[0]
     if block_info is not None:
         expected = tuple(block_info[None]["chunk-shape"])

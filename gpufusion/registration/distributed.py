@@ -32,11 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import dataclasses
-import functools
-import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -44,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cluster import tune_worker_malloc
 from ..errors import InputError
 from ..layout import Mosaic
 from ..progress import Progress
@@ -57,39 +54,13 @@ __all__ = ["PAIRS_PER_TASK", "ClusterRegistration", "active_cluster",
 PAIRS_PER_TASK = 256
 
 
-#: glibc malloc in worker processes started with ``MALLOC_TRIM_THRESHOLD_`` (distributed's
-#: nanny starts them with 64 KiB): that setting also freezes glibc's mmap threshold at
-#: 128 KiB, so every window array of a batch is mmapped, page-faulted and unmapped anew, and
-#: the heap is trimmed after each free. Pairs were measured 2.5 to 4 times slower there
-#: (24 pairs of 1024 px tiles, 2 busy cores: 1.2-2.1 s instead of 0.3-0.8 s in a plain
-#: process). Registration tasks set these two thresholds instead (arrays below 32 MiB come
-#: from the heap, which keeps up to 128 MiB free), as fast as a plain process.
-WORKER_MMAP_THRESHOLD = 32 * 2**20
-WORKER_TRIM_THRESHOLD = 128 * 2**20
-
-
-@functools.cache
-def _tune_worker_malloc() -> bool:
-    """In a process started with ``MALLOC_TRIM_THRESHOLD_`` on glibc, once: ``mallopt``
-    :data:`WORKER_MMAP_THRESHOLD` and :data:`WORKER_TRIM_THRESHOLD`. True if done."""
-    if not os.environ.get("MALLOC_TRIM_THRESHOLD_") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        # -3: M_MMAP_THRESHOLD, -1: M_TRIM_THRESHOLD (glibc's malloc.h)
-        return bool(libc.mallopt(-3, WORKER_MMAP_THRESHOLD)
-                    and libc.mallopt(-1, WORKER_TRIM_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
 def _measure_batch(mosaic: Mosaic, pairs: np.ndarray, backend: str, options: dict
                    ) -> PairMeasurements:
     """One task: :func:`measure_pairs` of ``pairs`` on the worker (its backend resolved and
     its tile windows read there), in an empty context, so never sent on to a cluster."""
     from .pairwise import measure_pairs
 
-    _tune_worker_malloc()
+    tune_worker_malloc()
     return contextvars.Context().run(measure_pairs, mosaic, pairs, backend=backend,
                                      **options)
 

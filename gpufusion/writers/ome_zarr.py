@@ -918,6 +918,9 @@ class _BlockWriter:
 
     def write(self, idx: tuple[int, ...], source: Any) -> None:
         """Compute (``source`` a callable) or take the level-0 block, write every level."""
+        from ..cluster import tune_worker_malloc
+
+        tune_worker_malloc()  # on a distributed worker: glibc thresholds fit for blocks
         writes = []
         with task_scope(self.backend):
             data = source() if callable(source) else source
