@@ -593,3 +593,22 @@ def test_resident_block_table_layout(fake_gpu) -> None:
         ck.pack_resident_blocks([t for i in np.ndindex(*plan.numblocks)
                                  if len(t := plan.chunk(i))], affine.params, tiles.offsets,
                                 tiles.strides, "uint16")
+
+
+def test_resident_fusion_of_flat_field_corrected_tiles(fake_gpu) -> None:
+    """Corrected tiles (float32 as read, uint16 as output) are uploaded corrected, not cast
+    back to the raw dtype: the result equals the NumPy fusion of the same corrected mosaic."""
+    from gpufusion import correct_mosaic
+    from gpufusion.backends.resident import fuse_on_device, upload_tiles
+
+    case = cases.make_case("subpixel", 2, "linear", "linear", ("uint16", "uint16"), 12)
+    shape = case.mosaic.tiles[0].shape
+    yy, xx = np.mgrid[:shape[0], :shape[1]] / np.array(shape).reshape(2, 1, 1)
+    flat = (1 - 0.3 * ((yy - 0.5) ** 2 + (xx - 0.5) ** 2)).astype(np.float32)
+    corrected = correct_mosaic(case.mosaic, flatfield=flat, darkfield=np.full(shape, 100.0),
+                               gains=np.linspace(0.9, 1.1, len(case.mosaic)))
+    assert upload_tiles(corrected).dtype == np.float32
+    expected = fuse(corrected, chunks=case.chunks).compute(scheduler="synchronous")
+    got = fake_gpu.asnumpy(fuse_on_device(corrected, chunks=case.chunks))
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, expected)

@@ -82,10 +82,17 @@ class ResidentTiles:
         return self.buffer[start:start + size].reshape(tuple(int(n) for n in self.shapes[t]))
 
 
+def _input_dtype(mosaic: Any) -> str:
+    """The kernel's input dtype for ``mosaic``'s pixels as their sources read them: the
+    tiles' dtype, or the float dtype a flat-field corrected source
+    (:class:`gpufusion.correction.CorrectedSource`, ``work_dtype``) returns."""
+    read = np.dtype(getattr(mosaic.tiles[0].source, "work_dtype", mosaic.dtype))
+    return ck.fusion_kernel_dtypes(read, read)[0]
+
+
 def resident_bytes(mosaic: Any) -> int:
     """Device bytes :func:`upload_tiles` needs for ``mosaic`` (in the kernel's dtype)."""
-    kin, _ = ck.fusion_kernel_dtypes(mosaic.dtype, mosaic.dtype)
-    return int(np.prod(mosaic.tile_shapes, axis=1).sum()) * np.dtype(kin).itemsize
+    return int(np.prod(mosaic.tile_shapes, axis=1).sum()) * np.dtype(_input_dtype(mosaic)).itemsize
 
 
 def resident_fits(mosaic: Any, free_bytes: int | None = None,
@@ -104,11 +111,13 @@ def upload_tiles(mosaic: Any) -> ResidentTiles:
 
     Tiles are read one at a time through their sources (host memory holds one tile at a
     time) and converted to the kernel's input dtype (:func:`~gpufusion.backends.
-    cuda_kernels.fusion_kernel_dtypes`: float16 becomes float32, exactly).
+    cuda_kernels.fusion_kernel_dtypes`: float16 becomes float32, exactly). Flat-field
+    corrected tiles are read corrected (float32), once each: the upload is the only time a
+    resident tile crosses the bus, so correcting it there costs one pass per tile.
     """
     import cupy
 
-    kin, _ = ck.fusion_kernel_dtypes(mosaic.dtype, mosaic.dtype)
+    kin = _input_dtype(mosaic)
     shapes = np.asarray(mosaic.tile_shapes, dtype=np.int64)
     sizes = np.prod(shapes, axis=1)
     offsets = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
