@@ -223,22 +223,6 @@ def test_auto_with_gpu_workers_is_resolved_on_them(gpu_workers_cpu_client, clust
     assert_close(zarr.open_array(str(tmp_path / "m.ome.zarr" / "0"), mode="r")[...], expected)
 
 
-def test_registration_next_to_a_cluster_runs_here(monkeypatch, capsys) -> None:
-    """``fuse --register --scheduler``: registration runs in this process, on its GPU if it
-    has one, else on NumPy (with a notice) even when the workers fuse with ``cupy``."""
-    import argparse
-
-    from gpufusion.cli.fuse import local_backend
-
-    monkeypatch.setitem(sys.modules, "cupy", None)
-    assert local_backend(argparse.Namespace(backend="numpy", quiet=False)) == "numpy"
-    assert capsys.readouterr().err == ""
-    assert local_backend(argparse.Namespace(backend="cupy", quiet=False)) == "numpy"
-    assert capsys.readouterr().err == ("gpufusion: registration here: no usable GPU: CuPy is "
-                                       "not installed (pip install 'gpufusion[gpu]'); using "
-                                       "the NumPy backend\n")
-
-
 def test_graph_for_workers_opens_no_cuda_context_on_a_gpu_client(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Even where the client has a GPU, ``on_workers`` builds the graph without touching

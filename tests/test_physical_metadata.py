@@ -414,6 +414,8 @@ def test_provenance_with_registration_in_both_outputs(tmp_path, monkeypatch):
     registration = record["registration"]
     assert registration["tiles"] == 4 and registration["pairs"] >= 4
     assert registration["kept"] + sum(registration["dropped"].values()) == registration["pairs"]
+    assert isinstance(registration["advice"], list)  # the summary's notes, in words
+    assert {"read", "pairwise", "solve", "quality"} <= set(registration["seconds"])
     fuse_cli(tiles, tiff_out, "--register")
     model, _ = ome(tiff_out)
     (annotation,) = model.structured_annotations.map_annotations

@@ -307,19 +307,6 @@ def resolve_backend_with_notice(args: argparse.Namespace, client: Any = None) ->
     return name
 
 
-def local_backend(args: argparse.Namespace) -> str:
-    """The backend of work done in this process next to a cluster (registration): ``numpy``
-    for ``--backend numpy``, else the GPU when usable here, with a notice when it is not."""
-    from ..backends import resolve_backend
-
-    if args.backend == "numpy":
-        return "numpy"
-    name, message = resolve_backend("auto")
-    if name != "cupy" and message:
-        notice(args, f"registration here: {message}")
-    return name
-
-
 def summary(result: FuseResult, n_tiles: int) -> str:
     """One line: what was fused, where, how fast."""
     shape = " x ".join(str(s) for s in result.shape)

@@ -202,7 +202,8 @@ def summary_record(result: RegistrationResult) -> dict:
 
     Keys: ``tiles``, ``pairs``, ``kept``, ``dropped`` (count per reason), ``residual_rms_px``
     and ``residual_max_px`` (kept pairs; None without any), ``mean_ncc_before``,
-    ``mean_ncc_after`` (None when not measured), ``unregistered_tiles``, ``backend``.
+    ``mean_ncc_after`` (None when not measured), ``unregistered_tiles``, ``backend``,
+    ``advice`` (the summary's ``note:`` lines, in words) and ``seconds`` (per stage).
 
     Examples
     --------
@@ -211,8 +212,10 @@ def summary_record(result: RegistrationResult) -> dict:
     >>> syn = make_mosaic((1, 2), (64, 64), overlap=0.25, stage_error=2, seed=0)
     >>> record = summary_record(register_mosaic(syn.mosaic(syn.stage_positions), max_shift=5,
     ...                                         backend="numpy"))
-    >>> record["tiles"], record["pairs"], record["kept"]
-    (2, 1, 1)
+    >>> record["tiles"], record["pairs"], record["kept"], record["advice"]
+    (2, 1, 1, [])
+    >>> sorted(record["seconds"])
+    ['pairwise', 'quality', 'read', 'solve', 'total']
     """
     edges = result.edges
     counts = edges.counts()
@@ -232,6 +235,8 @@ def summary_record(result: RegistrationResult) -> dict:
         "mean_ncc_after": number(result.mean_ncc_after),
         "unregistered_tiles": int(len(result.unregistered)),
         "backend": str(result.backend),
+        "advice": [str(a) for a in result.advice],
+        "seconds": {str(k): round(float(v), 3) for k, v in result.seconds.items()},
     }
 
 
