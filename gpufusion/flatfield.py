@@ -623,6 +623,18 @@ def check_dark_below_data(dark: Profile, mosaic: Mosaic, label: str,
                          "the flat-field, or from another camera setting?")
 
 
+def profile_paths(out: str | Path, darkfield: bool) -> list[Path]:
+    """The files :func:`save_profiles` writes for ``out``: the flat-field TIFF, its PNG
+    preview and, with ``darkfield``, the dark-field TIFF (``NAME.dark.tif``).
+
+    >>> [p.name for p in profile_paths("scope.tif", darkfield=True)]
+    ['scope.tif', 'scope.png', 'scope.dark.tif']
+    """
+    out = Path(out)
+    return [out, out.with_suffix(".png")] + (
+        [out.with_name(f"{out.stem}.dark{out.suffix}")] if darkfield else [])
+
+
 def save_profiles(out: str | Path, profiles: list[EstimatedProfiles], *, darkfield: bool,
                   overwrite: bool = False) -> list[Path]:
     """Write the flat-fields as ``out`` (float32 TIFF, ``(y, x)`` or ``(c, y, x)``), the
@@ -636,9 +648,9 @@ def save_profiles(out: str | Path, profiles: list[EstimatedProfiles], *, darkfie
     out = Path(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise InputError(f"-o {out}: profiles are written as TIFF; name it NAME.tif")
+    targets = profile_paths(out, darkfield)
+    png = targets[1]
     dark_path = out.with_name(f"{out.stem}.dark{out.suffix}")
-    png = out.with_suffix(".png")
-    targets = [out, png] + ([dark_path] if darkfield else [])
     for t in targets:
         if t.exists() and not overwrite:
             raise InputError(f"-o {out}: {t} exists; add --overwrite to replace it")

@@ -519,3 +519,28 @@ def test_fuse_on_a_dask_cluster_equals_local(shaded_files: Path, capsys) -> None
     assert code == 0, err
     np.testing.assert_array_equal(read_fused(folder / "remote.ome.zarr"),
                                   read_fused(folder / "local.ome.zarr"))
+
+
+@pytest.mark.parametrize("name", ["t0.tif", "t1.tif", "pos.tif"])
+def test_flatfield_command_never_writes_over_an_input(shaded_files: Path, capsys,
+                                                      name: str) -> None:
+    """``gpufusion flatfield CSV -o t0.tif --overwrite`` beside tile t0.tif (or naming the
+    CSV's own folder's files) is refused before any work: one line, exit 2, every input
+    byte-identical, nothing written."""
+    folder = shaded_files.parent
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "pos.tif").write_bytes(b"")  # pos.csv is an input: pos.tif is fine, see below
+    before["pos.tif"] = b""
+    code, _, err = run_cli(["flatfield", shaded_files, "-o", folder / name, "--overwrite"],
+                           capsys)
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    if name == "pos.tif":  # not an input: replaced, with its preview
+        assert code == 0, err
+        assert tifffile.imread(folder / "pos.tif").dtype == np.float32
+        assert set(after) == set(before) | {"pos.png"}
+        assert all(after[k] == v for k, v in before.items() if k != "pos.tif")
+        return
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and "input" in lines[0], err
+    assert after == before

@@ -64,15 +64,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..flatfield import estimate_profiles, save_profiles
+    from ..flatfield import estimate_profiles, profile_paths, save_profiles
     from .inputs import tileset_from_args
     from .metadata import read_tilesets
+    from .outputs import check_outputs, input_files
 
     out = Path(args.output)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise InputError(f"-o {out}: profiles are written as TIFF; name it NAME.tif")
     args.unit = getattr(args, "unit", None)
     tileset = read_tilesets(args, tileset_from_args)
+    # before any work: no profile, preview or dark-field file may be (or be inside) an
+    # input, even with --overwrite (e.g. -o t0.tif beside tile t0.tif, or its t0.png)
+    check_outputs(profile_paths(out, args.darkfield),
+                  [Path(args.input), *input_files(tileset)], args.overwrite)
     estimates = []
     for c, mosaic in enumerate(tileset.mosaics()):
         est = estimate_profiles(mosaic, darkfield=args.darkfield, max_tiles=args.max_tiles)
