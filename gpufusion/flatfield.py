@@ -524,8 +524,12 @@ def _dark_level(med: np.ndarray, spread: np.ndarray, count: np.ndarray, degree: 
 # -- files ----------------------------------------------------------------------------------
 
 
-def read_profile_file(path: str | Path, what: str) -> np.ndarray:
-    """A profile TIFF's pixels as float64 (``what``: ``--flatfield``, for messages)."""
+def read_profile_file(path: str | Path, what: str, max_size: int | None = None) -> np.ndarray:
+    """A profile TIFF's pixels as float64 (``what``: ``--flatfield``, for messages).
+
+    With ``max_size``, a file whose header declares more pixels than that (the most a
+    profile of the tiles can hold) is refused before its pixels are read or allocated.
+    """
     import tifffile
 
     p = Path(path)
@@ -540,7 +544,14 @@ def read_profile_file(path: str | Path, what: str) -> np.ndarray:
         raise InputError(f"{what} {p}: not a TIFF file; profiles are TIFF images (2D, or a "
                          "stack of one per channel or plane)")
     try:
-        data = tifffile.imread(p)
+        with tifffile.TiffFile(p) as tif:
+            declared = tuple(int(n) for n in tif.series[0].shape)
+            if max_size is not None and int(np.prod(declared, dtype=np.int64)) > max_size:
+                raise InputError(f"{what} {p}: profile shape {declared} is larger than any "
+                                 f"profile of these tiles ({max_size} pixels at most)")
+            data = tif.series[0].asarray()
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
         raise InputError(f"{what} {p}: cannot read the TIFF ({exc})") from None
     data = np.squeeze(np.asarray(data)) if np.asarray(data).ndim > 2 else np.asarray(data)
@@ -582,7 +593,7 @@ def load_profiles(path: str | Path, tile_shape: tuple[int, ...], n_channels: int
     ``"dark"`` (checked finite). Raises :class:`InputError` naming the file.
     """
     label = f"{what} {Path(path)}"
-    data = read_profile_file(path, what)
+    data = read_profile_file(path, what, max_size=n_channels * int(np.prod(tile_shape)))
     out = []
     for c, arr in enumerate(split_profiles(data, tile_shape, n_channels, label)):
         name = label if n_channels == 1 else f"{label} (channel {c})"

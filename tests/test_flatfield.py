@@ -544,3 +544,20 @@ def test_flatfield_command_never_writes_over_an_input(shaded_files: Path, capsys
     lines = err.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and "input" in lines[0], err
     assert after == before
+
+
+def test_a_profile_declaring_a_huge_image_is_refused_before_reading(shaded_files: Path,
+                                                                    capsys) -> None:
+    """A 1.6 GB float32 profile (20000 x 20000, stored as 400 zlib tiles of zeros: 1.7 MB)
+    is refused from its header, before its pixels are decoded or allocated."""
+    folder = shaded_files.parent
+    zeros = np.zeros((1024, 1024), np.float32)
+    tifffile.imwrite(folder / "huge.tif", (zeros for _ in range(20 * 20)),
+                     shape=(20000, 20000), dtype="float32", tile=(1024, 1024),
+                     compression="zlib")
+    code, _, err = run_cli(["fuse", shaded_files, "-o", folder / "o.ome.zarr", "--flatfield",
+                            folder / "huge.tif"], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "huge.tif" in lines[0], err
+    assert "(20000, 20000) is larger than any profile of these tiles" in lines[0]
