@@ -524,11 +524,13 @@ def _dark_level(med: np.ndarray, spread: np.ndarray, count: np.ndarray, degree: 
 # -- files ----------------------------------------------------------------------------------
 
 
-def read_profile_file(path: str | Path, what: str, max_size: int | None = None) -> np.ndarray:
+def read_profile_file(path: str | Path, what: str,
+                      tiles: tuple[tuple[int, ...], int] | None = None) -> np.ndarray:
     """A profile TIFF's pixels as float64 (``what``: ``--flatfield``, for messages).
 
-    With ``max_size``, a file whose header declares more pixels than that (the most a
-    profile of the tiles can hold) is refused before its pixels are read or allocated.
+    With ``tiles`` (the tile shape and the channel count), a file whose header declares
+    more pixels than any profile of those tiles holds is refused (:func:`shape_mismatch`)
+    before its pixels are read or allocated.
     """
     import tifffile
 
@@ -546,9 +548,9 @@ def read_profile_file(path: str | Path, what: str, max_size: int | None = None) 
     try:
         with tifffile.TiffFile(p) as tif:
             declared = tuple(int(n) for n in tif.series[0].shape)
-            if max_size is not None and int(np.prod(declared, dtype=np.int64)) > max_size:
-                raise InputError(f"{what} {p}: profile shape {declared} is larger than any "
-                                 f"profile of these tiles ({max_size} pixels at most)")
+            if tiles is not None and (int(np.prod(declared, dtype=np.int64))
+                                      > tiles[1] * int(np.prod(tiles[0], dtype=np.int64))):
+                raise shape_mismatch(f"{what} {p}", declared, *tiles)
             data = tif.series[0].asarray()
     except InputError:
         raise
@@ -566,9 +568,6 @@ def split_profiles(data: np.ndarray, tile_shape: tuple[int, ...], n_channels: in
     yx = tuple(tile_shape[-2:])
     three_d = len(tile_shape) == 3
     shape = tuple(data.shape)
-    allowed = [yx, (n_channels, *yx)]
-    if three_d:
-        allowed += [tuple(tile_shape), (n_channels, *tile_shape)]
     if shape[-2:] == yx:
         if data.ndim == 2:
             return [data] * n_channels
@@ -580,9 +579,20 @@ def split_profiles(data: np.ndarray, tile_shape: tuple[int, ...], n_channels: in
             return list(data)
     if n_channels == 1 and data.ndim == 3 and shape[0] == 1 and shape[1:] == yx:
         return [data[0]]
+    raise shape_mismatch(label, shape, tile_shape, n_channels)
+
+
+def shape_mismatch(label: str, shape: tuple[int, ...], tile_shape: tuple[int, ...],
+                   n_channels: int) -> InputError:
+    """The error for a profile of ``shape`` that fits no rule for these tiles."""
+    yx = tuple(tile_shape[-2:])
+    allowed = [yx, (n_channels, *yx)]
+    if len(tile_shape) == 3:
+        allowed += [tuple(tile_shape), (n_channels, *tile_shape)]
     shown = " or ".join(str(s) for s in dict.fromkeys(allowed))
-    raise InputError(f"{label}: profile shape {shape} does not match the tiles: expected "
-                     f"{shown} (tile shape {tuple(tile_shape)}, {n_channels} channel(s))")
+    return InputError(f"{label}: profile shape {tuple(shape)} does not match the tiles: "
+                      f"expected {shown} (tile shape {tuple(tile_shape)}, {n_channels} "
+                      "channel(s))")
 
 
 def load_profiles(path: str | Path, tile_shape: tuple[int, ...], n_channels: int, *,
@@ -593,7 +603,7 @@ def load_profiles(path: str | Path, tile_shape: tuple[int, ...], n_channels: int
     ``"dark"`` (checked finite). Raises :class:`InputError` naming the file.
     """
     label = f"{what} {Path(path)}"
-    data = read_profile_file(path, what, max_size=n_channels * int(np.prod(tile_shape)))
+    data = read_profile_file(path, what, (tuple(tile_shape), n_channels))
     out = []
     for c, arr in enumerate(split_profiles(data, tile_shape, n_channels, label)):
         name = label if n_channels == 1 else f"{label} (channel {c})"
