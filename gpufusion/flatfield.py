@@ -77,6 +77,9 @@ DEGREE = 4
 TEXTURE_LIMIT = 1.5
 #: Default number of overlapping tile pairs whose shared regions join the fit.
 MAX_PAIRS = 400
+#: Fewest tiles the statistics across tiles alone (no overlaps) estimate a flat-field from:
+#: a median over fewer images keeps the specimen's own slow variations.
+MIN_TILES_WITHOUT_OVERLAPS = 8
 #: With overlaps, the share of the per-pixel statistics across the tiles in the joint fit
 #: (the overlaps' is 1): they pin the tile's interior, where no overlap reaches.
 TILE_SHARE = 0.5
@@ -437,6 +440,11 @@ def estimate_profiles(mosaic: Mosaic, *, darkfield: bool | float = False,
         method.append(f"{int(overlap_ok.sum())} overlap blocks")
     if isinstance(darkfield, bool) and darkfield and not groups:
         dark = None  # no overlaps to find it from: from the statistics across the tiles
+    if not groups and len(stack) < MIN_TILES_WITHOUT_OVERLAPS:
+        raise InputError(f"flatfield auto: {len(stack)} tile(s) and no usable overlaps between "
+                         "them are too few to tell the shading from the specimen (needs "
+                         f"{MIN_TILES_WITHOUT_OVERLAPS} tiles, or overlapping ones); give a "
+                         "profile file instead (--flatfield FILE)")
     rows = _tile_statistics_rows(stack, texture, factor, blocks, degree, texture_limit, dark)
     dark = rows[2]
     if len(rows[1]):

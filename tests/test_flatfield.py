@@ -569,3 +569,24 @@ def test_a_profile_declaring_a_huge_image_is_refused_before_reading(shaded_files
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "huge.tif" in lines[0], err
     assert "profile shape (20000, 20000) does not match the tiles: expected" in lines[0]
+
+
+def test_auto_refuses_too_few_tiles_and_a_negative_dark_level(tmp_path: Path, capsys) -> None:
+    """One tile and no overlaps cannot separate shading from specimen (the old code
+    returned the tile's own smoothed content as a flat-field); a negative --darkfield
+    VALUE is a typo, not a camera offset. Both: exit 2, one line, nothing written."""
+    rng = np.random.default_rng(0)
+    tile = (rng.random((64, 64)) * 1000 + 500).astype(np.uint16)
+    one = write_tile_csv(tmp_path, [tile], [(0, 0)], name="one.csv")
+    two = write_tile_csv(tmp_path, [tile, tile], [(0, 0), (0, 48)], name="two.csv")
+    for argv, must in [
+            (["fuse", one, "-o", tmp_path / "a.ome.zarr", "--flatfield", "auto"],
+             "too few to tell the shading from the specimen"),
+            (["flatfield", one, "-o", tmp_path / "p.tif"], "too few"),
+            (["fuse", two, "-o", tmp_path / "b.ome.zarr", "--darkfield", "-5"],
+             "--darkfield -5: must be a finite number >= 0")]:
+        code, _, err = run_cli(argv, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and must in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "t0.tif", "t1.tif",
+                                                          "two.csv"]

@@ -169,6 +169,7 @@ def _number(text: str) -> float | None:
         value = float(text)
     except ValueError:
         return None
-    if not math.isfinite(value):
-        raise InputError(f"--darkfield {text}: must be a finite number or a TIFF file")
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"--darkfield {text}: must be a finite number >= 0 (the camera "
+                         "offset, in the tiles' units) or a TIFF file")
     return value
