@@ -211,9 +211,9 @@ def gains_path_for(report: str | Path) -> Path:
     >>> gains_path_for("out/report.html").as_posix()
     'out/report.gains.csv'
     """
-    p = Path(report)
-    stem = p.name[: -len(p.suffix)] if p.suffix else p.name
-    return p.with_name(f"{stem}.gains.csv")
+    from .registration.report import tagged_sibling
+
+    return tagged_sibling(report, "gains")
 
 
 def write_gains_csv(path: str | Path, matches: Sequence[IntensityMatch],

@@ -655,12 +655,8 @@ def fuse_kernel(in_dtype: str, out_dtype: str, ndim: int, mode: str, interpolati
     Keyed on dtypes (names), ndim, blend mode and interpolation only; CuPy compiles it once
     per device on first use and caches the binary on disk.
     """
-    import cupy
-
-    expr = fuse_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
-    module = cupy.RawModule(code=kernel_source("fuse"), options=COMPILE_OPTIONS,
-                            name_expressions=(expr,))
-    return module.get_function(expr)
+    return _compiled("fuse", fuse_name_expression(in_dtype, out_dtype, ndim, mode,
+                                                  interpolation))
 
 
 @CachedGetter
@@ -668,12 +664,8 @@ def separable_kernel(in_dtype: str, out_dtype: str, ndim: int, mode: str,
                      interpolation: str) -> Any:
     """The compiled ``fuse_chunk_separable`` kernel for one configuration (as
     :func:`fuse_kernel`, from the same source)."""
-    import cupy
-
-    expr = separable_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
-    module = cupy.RawModule(code=kernel_source("fuse"), options=COMPILE_OPTIONS,
-                            name_expressions=(expr,))
-    return module.get_function(expr)
+    return _compiled("fuse", separable_name_expression(in_dtype, out_dtype, ndim, mode,
+                                                  interpolation))
 
 
 @CachedGetter
@@ -681,21 +673,22 @@ def blocks_kernel(in_dtype: str, out_dtype: str, ndim: int, mode: str,
                   interpolation: str) -> Any:
     """The compiled ``fuse_blocks_separable`` kernel for one configuration (as
     :func:`fuse_kernel`, from the same source)."""
-    import cupy
-
-    expr = blocks_name_expression(in_dtype, out_dtype, ndim, mode, interpolation)
-    module = cupy.RawModule(code=kernel_source("fuse"), options=COMPILE_OPTIONS,
-                            name_expressions=(expr,))
-    return module.get_function(expr)
+    return _compiled("fuse", blocks_name_expression(in_dtype, out_dtype, ndim, mode,
+                                                  interpolation))
 
 
 @CachedGetter
 def downsample_kernel(dtype: str, algorithm: str = "corners") -> Any:
     """The compiled ``downsample_mean2`` kernel for ``dtype`` (a dtype name)."""
+    return _compiled("downsample", downsample_name_expression(dtype, algorithm))
+
+
+def _compiled(kernel: str, expr: str) -> Any:
+    """``expr`` of ``kernels/<kernel>.cu`` compiled by CuPy (a ``cupy.RawKernel``); only the
+    cached getters above call it."""
     import cupy
 
-    expr = downsample_name_expression(dtype, algorithm)
-    module = cupy.RawModule(code=kernel_source("downsample"), options=COMPILE_OPTIONS,
+    module = cupy.RawModule(code=kernel_source(kernel), options=COMPILE_OPTIONS,
                             name_expressions=(expr,))
     return module.get_function(expr)
 

@@ -237,10 +237,9 @@ def fuse_on_device(mosaic: Any, *, chunks: int | Sequence[int] = 1024, blend: st
     params = fusion_params(mosaic, blend=blend, blend_width=blend_width,
                            interpolation=interpolation, dtype=dtype)
     plan = plan_fusion(mosaic, chunks)
-    free = int(cupy.cuda.runtime.memGetInfo()[0]) if hasattr(cupy.cuda.runtime,
-                                                              "memGetInfo") else None
+    free = int(cupy.cuda.runtime.memGetInfo()[0])
     need = resident_bytes(mosaic) + math.prod(mosaic.shape) * np.dtype(params.out_dtype).itemsize
-    if free is not None and need > free:
+    if need > free:
         raise InputError(f"the tiles and the output need {need / 2**30:.1f} GiB of device "
                          f"memory, {free / 2**30:.1f} GiB is free: fuse to a file instead")
     indices = list(np.ndindex(*plan.numblocks))

@@ -126,9 +126,18 @@ def edges_path_for(positions_path: str | Path) -> Path:
     >>> edges_path_for("out/positions.csv").as_posix()
     'out/positions.edges.csv'
     """
-    p = Path(positions_path)
+    return tagged_sibling(positions_path, "edges")
+
+
+def tagged_sibling(path: str | Path, tag: str) -> Path:
+    """``path``'s sibling named ``stem.tag.csv`` (the edge and gains tables' naming).
+
+    >>> tagged_sibling("out/report.html", "gains").as_posix()
+    'out/report.gains.csv'
+    """
+    p = Path(path)
     stem = p.name[: -len(p.suffix)] if p.suffix else p.name
-    return p.with_name(f"{stem}.edges.csv")
+    return p.with_name(f"{stem}.{tag}.csv")
 
 
 def write_edges_csv(path: str | Path, result: RegistrationResult) -> Path:

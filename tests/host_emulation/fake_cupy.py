@@ -105,6 +105,7 @@ def build_fake_cupy(host: HostKernels) -> tuple[types.ModuleType, types.ModuleTy
     FakeStream.null = NULL_STREAM  # type: ignore[attr-defined]
     runtime = types.SimpleNamespace(
         getDevice=lambda: 0, getDeviceCount=lambda: 1,
+        memGetInfo=lambda: (64 << 30, 80 << 30),  # (free, total) bytes, as cudaMemGetInfo
         getDeviceProperties=lambda dev: {"name": b"Host emulation"})
     cupy.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
         Stream=FakeStream, Event=FakeEvent, Device=Device, runtime=runtime,
